@@ -1,0 +1,26 @@
+"""Errors a user can cause. The CLI prints them as one line and exits with code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class HQExportError(Exception):
+    """A problem with the user's input: a file, a flag, a model we cannot handle."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.message = message
+        super().__init__(f"{self.path}: {message}" if self.path is not None else message)
+
+
+class UnsupportedModelError(HQExportError):
+    """The model is valid but uses something hqexport cannot export exactly."""
+
+
+class ValidationFailed(Exception):
+    """The exported model does not compute what the source computes (exit code 1)."""
+
+    exit_code = 1
