@@ -1,0 +1,104 @@
+"""MatMulNBits lowering: stock onnxruntime output vs hqq's own forward, and the rules for what stays."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+from hqexport.errors import HQExportError
+from hqexport.formats import pack_canonical, storage_bits, tensor_to_numpy, unpack_codes
+from hqexport.lower import LowerToMatMulNBits
+from hqexport.read.live import layer_from_meta
+
+N, K, M = 48, 128, 5
+_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _hqq_layer(nbits: float, group_size: int, axis: int, *, bias: bool = False, dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(K, N, bias=bias)
+    return HQQLinear(linear, BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=axis), compute_dtype=dtype, device="cpu")
+
+
+def _single_layer_model(hqq_layer: HQQLinear, name: str = "layer0") -> ir.Model:
+    """A graph with one hqexport.HQQMatMul node holding the layer's canonical initializers."""
+    layer = layer_from_meta(name, hqq_layer.W_q.data, hqq_layer.meta, hqq_layer.bias)
+    bits = storage_bits(layer.fmt)
+    codes = unpack_codes(layer.packed.numpy(), N, K, layer.fmt)
+    a = ir.val("A", ir.DataType.FLOAT, ["M", K])
+    inputs = [a]
+    for label, array in (
+        ("weight", pack_canonical(codes, bits)),
+        ("scale", tensor_to_numpy(layer.scale)),
+        ("zero", tensor_to_numpy(layer.zero)),
+    ) + ((("bias", layer.bias.float().numpy()),) if layer.bias is not None else ()):
+        inputs.append(ir.Value(name=f"{name}.{label}", const_value=ir.tensor(array, name=f"{name}.{label}")))
+    node = ir.node(
+        "HQQMatMul", inputs,
+        {"N": N, "K": K, "bits": bits, "group_size": layer.fmt.group_size, "axis": layer.fmt.axis},
+        domain="hqexport", name=name,
+    )
+    node.outputs[0].name = "Y"
+    node.outputs[0].dtype = ir.DataType.FLOAT
+    graph = ir.Graph([a], node.outputs, nodes=[node], initializers=inputs[1:], opset_imports={"": 21, "hqexport": 1})
+    return ir.Model(graph, ir_version=10)
+
+
+def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    proto = ir.serde.serialize_model(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"A": x})[0]
+
+
+@pytest.mark.parametrize(
+    "nbits, group_size, bias, dtype",
+    [(4, 64, False, torch.float32), (4, 32, True, torch.float32), (2, 16, False, torch.float32),
+     (8, 128, False, torch.float32), (3, 64, False, torch.float32), (1, 16, False, torch.float32),
+     (4, 64, False, torch.float16), (4, 64, False, torch.bfloat16)],
+)
+def test_lowered_layer_matches_hqq_forward(nbits, group_size, bias, dtype):
+    hqq_layer = _hqq_layer(nbits, group_size, axis=1, bias=bias, dtype=dtype)
+    lowering = LowerToMatMulNBits("ort")
+    model = lowering(_single_layer_model(hqq_layer)).model
+    assert [n.op_type for n in model.graph if n.domain == "hqexport"] == []
+    assert lowering.decisions["layer0"].op == "com.microsoft.MatMulNBits"
+
+    x = torch.randn(M, K)
+    with torch.no_grad():
+        weight = hqq_layer.dequantize().float()
+        expected = (x.double() @ weight.double().T + (hqq_layer.bias.double() if bias else 0)).numpy()
+    got = _run(model, x.numpy())
+    # hqq rounds (q - z) and its product with s to the compute dtype; the lowering computes in fp32, so each
+    # weight may differ by that rounding (2 x unit roundoff), fp32 rounding aside.
+    bound = _ROUNDING[dtype] * (x.abs().double() @ weight.abs().double().T).numpy() + 2e-6 * np.abs(expected).max()
+    assert np.all(np.abs(got - expected) <= bound)
+
+
+def test_integer_zero_points_need_no_correction():
+    hqq_layer = _hqq_layer(4, 64, axis=1)
+    hqq_layer.meta["zero"] = torch.round(hqq_layer.meta["zero"]).clamp(0, 15)
+    lowering = LowerToMatMulNBits("auto")
+    model = lowering(_single_layer_model(hqq_layer)).model
+    assert lowering.decisions["layer0"].zero_correction is False
+    assert {n.op_type for n in model.graph} == {"MatMulNBits"}
+
+
+@pytest.mark.parametrize(
+    "nbits, group_size, axis, reason",
+    [(4, 64, 0, "axis 0"), (4, 48, 1, "power of 2"), (4, 8, 1, "power of 2"), (5, 64, 1, None), (3, 32, 1, None)],
+)
+def test_what_can_be_lowered(nbits, group_size, axis, reason):
+    hqq_layer = _hqq_layer(nbits, group_size, axis)
+    auto = LowerToMatMulNBits("auto")
+    auto(_single_layer_model(hqq_layer))
+    decision = auto.decisions["layer0"]
+    if reason is None:
+        assert decision.op == "com.microsoft.MatMulNBits"
+    else:
+        assert decision.op == "hqexport.HQQMatMul" and reason in decision.reason
+        with pytest.raises(HQExportError, match="cannot run as MatMulNBits"):
+            LowerToMatMulNBits("ort")(_single_layer_model(hqq_layer))
