@@ -52,6 +52,8 @@ def read_live_model(model: torch.nn.Module) -> QuantizedModel:
             continue
         tensors[_module_name(key)] = value.detach()
     config_dict = config.to_dict()
+    if not config_dict.get("architectures"):  # set by save_pretrained; a model built from a config lacks it
+        config_dict["architectures"] = [type(model).__name__]
     return QuantizedModel(
         config=config_dict,
         linears=linears,
@@ -63,8 +65,9 @@ def read_live_model(model: torch.nn.Module) -> QuantizedModel:
 
 
 def _fp_linears(model: torch.nn.Module, quantized: set[str]) -> list[str]:
-    return sorted(
+    """nn.Linear modules left in floating point, in model order (as the on-disk readers list them)."""
+    return [
         _module_name(name)
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and _module_name(name) not in quantized and "lora_" not in name
-    )
+    ]
