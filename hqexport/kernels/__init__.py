@@ -1,0 +1,21 @@
+"""Compiled kernels of hqexport::HQQMatMul: an onnxruntime custom-op library (CPU, and CUDA where available).
+
+    library_path(build=True)      # build once (cached), get the .so
+    register(session_options)     # load it into an onnxruntime.SessionOptions if it is built
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hqexport.kernels.build import KernelBuildError, build_library, library_path
+
+__all__ = ["KernelBuildError", "build_library", "library_path", "register"]
+
+
+def register(options, build: bool = False) -> Path | None:  # noqa: ANN001 (onnxruntime.SessionOptions)
+    """Registers the library with `options` when it is built (or `build` is true); returns its path, else None."""
+    path = library_path(build=build)
+    if path is not None:
+        options.register_custom_ops_library(str(path))
+    return path

@@ -1,0 +1,140 @@
+"""CPU speed of hqexport::HQQMatMul's compiled kernel vs the other ways onnxruntime can run the layer.
+
+For one N x K layer (default 4096 x 4096, 4-bit, group 64, axis 1, fp32 compute) at M = 1 and M = 128:
+  kernel        the custom-op library (hqexport kernels build)
+  function      the op's ONNX function body, constant folding off (weights stay packed; the reference path)
+  matmulnbits   the MatMulNBits lowering (hqexport.lower), uint8 zero points + group-sum correction
+  fp32 MatMul   a plain MatMul with the dequantized fp32 weight (4x-8x the memory)
+Prints a table and writes JSON (--out). Weights are random codes: speed does not depend on the values.
+
+    python benchmarks/kernels_bench.py [--n 4096 --k 4096 --bits 4 --group-size 64 --out bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from hqexport.formats import pack_canonical
+from hqexport.kernels import library_path
+from hqexport.lower import LowerToMatMulNBits
+from hqexport.ops.function import attach_function
+from hqexport.ops.reference import dequantize_canonical
+
+
+def hqq_model(tensors: dict[str, np.ndarray], attrs: dict[str, int]) -> onnx.ModelProto:
+    node = helper.make_node("HQQMatMul", ["A", *tensors], ["Y"], domain="hqexport", name="layer", **attrs)
+    graph = helper.make_graph(
+        [node], "bench", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", attrs["K"]])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", attrs["N"]])],
+        [numpy_helper.from_array(array, name) for name, array in tensors.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("hqexport", 1)])
+    model.ir_version = 10
+    return model
+
+
+def fp32_model(weight: np.ndarray) -> onnx.ModelProto:
+    n, k = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "Wt"], ["Y"])], "fp32",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+        [numpy_helper.from_array(np.ascontiguousarray(weight.T), "Wt")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def time_session(model: onnx.ModelProto, a: np.ndarray, repeat: int, library: Path | None = None, **options) -> float:
+    """Median milliseconds per run."""
+    so = ort.SessionOptions()
+    if library is not None:
+        so.register_custom_ops_library(str(library))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"], **options)
+    for _ in range(3):
+        sess.run(None, {"A": a})
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        sess.run(None, {"A": a})
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--bits", type=int, default=4, choices=[1, 2, 3, 4, 8])
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("kernels_bench.json"))
+    args = parser.parse_args()
+
+    library = library_path(build=True)
+    rng = np.random.default_rng(0)
+    n, k, bits, g = args.n, args.k, args.bits, args.group_size
+    groups = n * k // g
+    codes = rng.integers(0, 2**bits, (n, k), dtype=np.uint8)
+    tensors = {
+        "W": pack_canonical(codes, bits),
+        "scale": (rng.random((groups, 1), dtype=np.float32) * 0.02).astype(np.float32),
+        "zero": (rng.random((groups, 1), dtype=np.float32) * (2**bits - 1)).astype(np.float32),
+    }
+    attrs = {"N": n, "K": k, "bits": bits, "group_size": g, "axis": 1}
+    model = hqq_model(tensors, attrs)
+    with_function = hqq_model(tensors, attrs)
+    attach_function(with_function)
+    lowering = LowerToMatMulNBits("ort")
+    lowered = ir.serde.serialize_model(lowering(ir.serde.deserialize_model(hqq_model(tensors, attrs))).model)
+    weight = dequantize_canonical(tensors["W"], tensors["scale"], tensors["zero"], **attrs)
+
+    rows = []
+    for m in args.rows:
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        row = {
+            "M": m,
+            "kernel_ms": time_session(model, a, args.repeat, library),
+            "function_ms": time_session(
+                with_function, a, max(3, args.repeat // 4), disabled_optimizers=["ConstantFolding"]
+            ),
+            "matmulnbits_ms": time_session(lowered, a, args.repeat),
+            "fp32_matmul_ms": time_session(fp32_model(weight), a, args.repeat),
+        }
+        rows.append(row)
+    isa = ctypes.CDLL(str(library)).hqexport_cpu_isa
+    isa.restype = ctypes.c_char_p
+    result = {
+        "layer": {"N": n, "K": k, "bits": bits, "group_size": g, "axis": 1, "compute_dtype": "fp32"},
+        "onnxruntime": ort.__version__,
+        "cpu_isa": isa().decode(),
+        "threads": ort.SessionOptions().intra_op_num_threads or "default",
+        "matmulnbits": lowering.decisions["layer"].to_json(),
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{n}x{k} {bits}-bit g{g} axis 1, onnxruntime {ort.__version__}, kernel ISA {result['cpu_isa']} (ms, median)")
+    print(f"{'M':>5} {'kernel':>10} {'function':>10} {'MatMulNBits':>12} {'fp32 MatMul':>12}")
+    for row in rows:
+        print(
+            f"{row['M']:>5} {row['kernel_ms']:>10.2f} {row['function_ms']:>10.2f} "
+            f"{row['matmulnbits_ms']:>12.2f} {row['fp32_matmul_ms']:>12.2f}"
+        )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+// CPU kernel of hqexport::HQQMatMul: Y = A @ dequant(W)^T (+ bias), dequant exactly HQQ's.
+//
+// Compiled twice, with HQX_ISA=baseline (x86-64-v2) and HQX_ISA=avx2 (x86-64-v3); custom_op.cpp picks one at run
+// time. Everything here lives in that namespace and uses no library templates, so the linker can never merge an
+// AVX2 body into the baseline path.
+//
+// The weight is never materialized: each task dequantizes a few rows, a K-chunk at a time, into an L1-sized float
+// buffer and multiplies it with A. Dequantized values are bit-identical to the reference (hqexport/ops/reference.py):
+// fp16/bf16 arithmetic is one float operation rounded to the dtype, which equals the dtype's own correctly rounded
+// operation because float has more than 2p+2 significand bits (p = 11 for fp16, 8 for bf16).
+#include <cstdlib>
+#include <cstring>
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#include "problem.h"
+
+namespace hqx {
+namespace HQX_ISA {
+namespace {
+
+typedef float v8f __attribute__((vector_size(32)));
+
+constexpr int64_t kGemvChunk = 1280;  // K-chunk of the M < 4 path; a multiple of 40 (8 and 10 codes per word)
+constexpr int64_t kGemvRows = 8;      // output rows per task of the M < 4 path
+constexpr int64_t kGemmChunk = 320;   // K-chunk of the M >= 4 path (multiple of 40)
+constexpr int kNR = 16;               // output rows per task of the M >= 4 path (two v8f)
+constexpr int kMR = 6;                // rows of A per micro-kernel step
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+inline float round_f16(float x) { return static_cast<float>(static_cast<_Float16>(x)); }
+
+// Round to the nearest bfloat16, ties to even; NaN stays NaN.
+inline float round_bf16(float x) {
+  const uint32_t u = float_to_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  const uint32_t quiet = (u | 0x00400000u) & 0xffff0000u;
+  return bits_to_float((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+}
+
+template <DType D>
+inline float load_meta(const void* p, int64_t i) {
+  if constexpr (D == DType::F32) {
+    return static_cast<const float*>(p)[i];
+  } else if constexpr (D == DType::F16) {
+    return static_cast<float>(static_cast<const _Float16*>(p)[i]);
+  } else {
+    return bits_to_float(static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16);
+  }
+}
+
+// w = rnd(rnd(code - zero) * scale) in the compute dtype META, then cast to fp16 when A is fp16.
+template <DType META, bool TO_F16>
+inline float dequant(float code, float zero, float scale) {
+  float w;
+  if constexpr (META == DType::F32) {
+    w = (code - zero) * scale;
+  } else if constexpr (META == DType::F16) {
+    w = round_f16(round_f16(code - zero) * scale);
+  } else {
+    w = round_bf16(round_bf16(code - zero) * scale);
+  }
+  if constexpr (TO_F16 && META != DType::F16) w = round_f16(w);
+  return w;
+}
+
+// Codes k0 .. k0+len of row n as floats; k0 is a multiple of the codes per word.
+template <typename Word, int BITS, int PER>
+inline void unpack(const Problem& p, int64_t n, int64_t k0, int64_t len, float* out) {
+  constexpr Word mask = static_cast<Word>((1u << BITS) - 1);
+  const Word* row = static_cast<const Word*>(p.W) + n * p.row_words + k0 / PER;
+  const int64_t full = len / PER;
+  for (int64_t w = 0; w < full; ++w) {
+    const Word v = row[w];
+    for (int j = 0; j < PER; ++j) out[w * PER + j] = static_cast<float>((v >> (BITS * j)) & mask);
+  }
+  const Word last = full * PER < len ? row[full] : 0;
+  for (int64_t j = 0; j < len - full * PER; ++j) out[full * PER + j] = static_cast<float>((last >> (BITS * j)) & mask);
+}
+
+template <int BITS>
+inline void unpack_bits(const Problem& p, int64_t n, int64_t k0, int64_t len, float* out) {
+  if constexpr (BITS == 3) {
+    unpack<uint32_t, 3, 10>(p, n, k0, len, out);
+  } else {
+    unpack<uint8_t, BITS, 8 / BITS>(p, n, k0, len, out);
+  }
+}
+
+using SegmentFn = void (*)(const Problem&, int64_t n, int64_t k0, int64_t len, float* out);
+
+// Dequantized W[n, k0 .. k0+len] (values of A's dtype, as floats).
+template <int BITS, DType META, bool TO_F16>
+void dequant_segment(const Problem& p, int64_t n, int64_t k0, int64_t len, float* out) {
+  unpack_bits<BITS>(p, n, k0, len, out);
+  const int64_t first = n * p.K + k0;  // flat index of W[n, k0]
+  int64_t i = 0;
+  if (p.axis == 1) {  // group of flat index f: f / g, runs of g consecutive elements
+    int64_t g = first / p.group_size;
+    int64_t run = min64(len, (g + 1) * p.group_size - first);
+    while (i < len) {
+      const float z = load_meta<META>(p.zero, g);
+      const float s = load_meta<META>(p.scale, g);
+      float* o = out + i;
+      for (int64_t j = 0; j < run; ++j) o[j] = dequant<META, TO_F16>(o[j], z, s);
+      i += run;
+      ++g;
+      run = min64(len - i, p.group_size);
+    }
+  } else {  // group of flat index f: f % G, consecutive groups along the row
+    while (i < len) {
+      const int64_t g = (first + i) % p.groups;
+      const int64_t run = min64(len - i, p.groups - g);
+      float* o = out + i;
+      for (int64_t j = 0; j < run; ++j) {
+        o[j] = dequant<META, TO_F16>(o[j], load_meta<META>(p.zero, g + j), load_meta<META>(p.scale, g + j));
+      }
+      i += run;
+    }
+  }
+}
+
+template <int BITS, DType META>
+SegmentFn pick_rounding(const Problem& p) {
+  return p.act == DType::F16 ? &dequant_segment<BITS, META, true> : &dequant_segment<BITS, META, false>;
+}
+
+template <int BITS>
+SegmentFn pick_meta(const Problem& p) {
+  switch (p.meta) {
+    case DType::F16:
+      return pick_rounding<BITS, DType::F16>(p);
+    case DType::BF16:
+      return pick_rounding<BITS, DType::BF16>(p);
+    default:
+      return pick_rounding<BITS, DType::F32>(p);
+  }
+}
+
+SegmentFn pick_segment(const Problem& p) {
+  switch (p.bits) {
+    case 1:
+      return pick_meta<1>(p);
+    case 2:
+      return pick_meta<2>(p);
+    case 3:
+      return pick_meta<3>(p);
+    case 4:
+      return pick_meta<4>(p);
+    default:
+      return pick_meta<8>(p);
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t len) {
+  v8f s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int64_t i = 0;
+  for (; i + 32 <= len; i += 32) {
+    s0 += load8(a + i) * load8(b + i);
+    s1 += load8(a + i + 8) * load8(b + i + 8);
+    s2 += load8(a + i + 16) * load8(b + i + 16);
+    s3 += load8(a + i + 24) * load8(b + i + 24);
+  }
+  for (; i + 8 <= len; i += 8) s0 += load8(a + i) * load8(b + i);
+  const v8f s = (s0 + s1) + (s2 + s3);
+  float total = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; i < len; ++i) total += a[i] * b[i];
+  return total;
+}
+
+struct Job {
+  const Problem* p;
+  SegmentFn segment;
+  const float* A;  // [M, K] float
+  float* Y;        // [M, N] float, without bias
+};
+
+// M < 4: each output row is dequantized once, a chunk at a time, and dotted with every row of A.
+void gemv_task(void* data, size_t task) {
+  const Job& job = *static_cast<const Job*>(data);
+  const Problem& p = *job.p;
+  alignas(32) float buf[kGemvChunk];
+  const int64_t end = min64(p.N, static_cast<int64_t>(task + 1) * kGemvRows);
+  for (int64_t n = static_cast<int64_t>(task) * kGemvRows; n < end; ++n) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t k0 = 0; k0 < p.K; k0 += kGemvChunk) {
+      const int64_t len = min64(kGemvChunk, p.K - k0);
+      job.segment(p, n, k0, len, buf);
+      for (int64_t m = 0; m < p.M; ++m) acc[m] += dot(job.A + m * p.K + k0, buf, len);
+    }
+    for (int64_t m = 0; m < p.M; ++m) job.Y[m * p.N + n] = acc[m];
+  }
+}
+
+// C[MR, 16] += A[MR, len] @ wt[len, 16] (wt: a K-chunk of 16 dequantized rows, transposed).
+template <int MR>
+void micro_kernel(const float* a, int64_t lda, const float* wt, int64_t len, float* c) {
+  v8f acc[MR][2];
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = load8(c + r * kNR);
+    acc[r][1] = load8(c + r * kNR + 8);
+  }
+  for (int64_t k = 0; k < len; ++k) {
+    const v8f w0 = load8(wt + k * kNR);
+    const v8f w1 = load8(wt + k * kNR + 8);
+    for (int r = 0; r < MR; ++r) {
+      const float av = a[r * lda + k];
+      acc[r][0] += av * w0;
+      acc[r][1] += av * w1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    store8(c + r * kNR, acc[r][0]);
+    store8(c + r * kNR + 8, acc[r][1]);
+  }
+}
+
+void micro_kernel_rows(int rows, const float* a, int64_t lda, const float* wt, int64_t len, float* c) {
+  switch (rows) {
+    case 1:
+      return micro_kernel<1>(a, lda, wt, len, c);
+    case 2:
+      return micro_kernel<2>(a, lda, wt, len, c);
+    case 3:
+      return micro_kernel<3>(a, lda, wt, len, c);
+    case 4:
+      return micro_kernel<4>(a, lda, wt, len, c);
+    case 5:
+      return micro_kernel<5>(a, lda, wt, len, c);
+    default:
+      return micro_kernel<6>(a, lda, wt, len, c);
+  }
+}
+
+// M >= 4: a task owns 16 output rows; per K-chunk it dequantizes them, transposes, and runs the micro-kernel
+// over all rows of A.
+void gemm_task(void* data, size_t task) {
+  const Job& job = *static_cast<const Job*>(data);
+  const Problem& p = *job.p;
+  alignas(32) float rows[kNR][kGemmChunk];
+  alignas(32) float wt[kGemmChunk * kNR];
+  const int64_t n0 = static_cast<int64_t>(task) * kNR;
+  const int nr = static_cast<int>(min64(kNR, p.N - n0));
+  float* c = static_cast<float*>(std::calloc(static_cast<size_t>(p.M) * kNR, sizeof(float)));
+  if (c == nullptr) std::abort();
+  for (int64_t k0 = 0; k0 < p.K; k0 += kGemmChunk) {
+    const int64_t len = min64(kGemmChunk, p.K - k0);
+    for (int j = 0; j < nr; ++j) job.segment(p, n0 + j, k0, len, rows[j]);
+    for (int64_t k = 0; k < len; ++k) {
+      for (int j = 0; j < kNR; ++j) wt[k * kNR + j] = j < nr ? rows[j][k] : 0.f;
+    }
+    for (int64_t m0 = 0; m0 < p.M; m0 += kMR) {
+      const int mr = static_cast<int>(min64(kMR, p.M - m0));
+      micro_kernel_rows(mr, job.A + m0 * p.K + k0, p.K, wt, len, c + m0 * kNR);
+    }
+  }
+  for (int64_t m = 0; m < p.M; ++m) {
+    for (int j = 0; j < nr; ++j) job.Y[m * p.N + n0 + j] = c[m * kNR + j];
+  }
+  std::free(c);
+}
+
+}  // namespace
+
+bool matmul(const Problem& p, const Runner& runner) {
+  const bool half = p.act == DType::F16;
+  const size_t a_count = static_cast<size_t>(p.M * p.K);
+  const size_t y_count = static_cast<size_t>(p.M * p.N);
+  float* a_float = nullptr;
+  float* y_float = nullptr;
+  if (half) {
+    a_float = static_cast<float*>(std::malloc(a_count * sizeof(float) + 1));
+    y_float = static_cast<float*>(std::malloc(y_count * sizeof(float) + 1));
+    if (a_float == nullptr || y_float == nullptr) {
+      std::free(a_float);
+      std::free(y_float);
+      return false;
+    }
+    const _Float16* a16 = static_cast<const _Float16*>(p.A);
+    for (size_t i = 0; i < a_count; ++i) a_float[i] = static_cast<float>(a16[i]);
+  }
+  Job job{&p, pick_segment(p), half ? a_float : static_cast<const float*>(p.A),
+          half ? y_float : static_cast<float*>(p.Y)};
+  if (p.M < 4) {
+    runner.parallel_for(runner.ctx, &gemv_task, static_cast<size_t>((p.N + kGemvRows - 1) / kGemvRows), &job);
+  } else {
+    runner.parallel_for(runner.ctx, &gemm_task, static_cast<size_t>((p.N + kNR - 1) / kNR), &job);
+  }
+  // Bias and the cast to A's dtype, as the reference: float accumulation, one rounding at the end.
+  for (int64_t m = 0; m < p.M; ++m) {
+    float* y = job.Y + m * p.N;
+    if (p.bias != nullptr) {
+      for (int64_t n = 0; n < p.N; ++n) y[n] += half ? load_meta<DType::F16>(p.bias, n) : load_meta<DType::F32>(p.bias, n);
+    }
+    if (half) {
+      _Float16* out = static_cast<_Float16*>(p.Y) + m * p.N;
+      for (int64_t n = 0; n < p.N; ++n) out[n] = static_cast<_Float16>(y[n]);
+    }
+  }
+  std::free(a_float);
+  std::free(y_float);
+  return true;
+}
+
+void dequantize(const Problem& p, float* out) {
+  const SegmentFn segment = pick_segment(p);
+  for (int64_t n = 0; n < p.N; ++n) segment(p, n, 0, p.K, out + n * p.K);
+}
+
+}  // namespace HQX_ISA
+}  // namespace hqx

@@ -1,0 +1,312 @@
+// onnxruntime custom-op library for hqexport::HQQMatMul (docs/kernels.md).
+//
+// RegisterCustomOps adds domain "hqexport" with op HQQMatMul for CPUExecutionProvider (and CUDAExecutionProvider
+// when built with HQEXPORT_WITH_CUDA). Each EP gets two overloads, A fp32 and A fp16, so onnxruntime can infer the
+// output type; W, scale and zero are left untyped and checked here. Every problem with a node (attributes, dtypes,
+// shapes) comes back as an error status, never an exception across the C boundary.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <cstdio>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "problem.h"
+
+#define HQX_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace hqx {
+
+#ifdef HQEXPORT_WITH_CUDA
+// cuda/hqq_matmul.cu: launches the kernel on `stream`; returns an error message or nullptr.
+const char* cuda_matmul(const Problem& p, void* stream);
+#endif
+
+namespace {
+
+constexpr const char* kDomain = "hqexport";
+constexpr const char* kOpType = "HQQMatMul";
+
+struct Attrs {
+  int64_t N = 0, K = 0, bits = 0, group_size = 0, axis = 0;
+};
+
+OrtStatusPtr error(const std::string& node, const std::string& message) {
+  const std::string text = "hqexport::HQQMatMul node '" + node + "': " + message;
+  return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, text.c_str());
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::ostringstream out;
+  out << '[';
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << ']';
+  return out.str();
+}
+
+int64_t codes_per_word(int64_t bits) { return bits == 3 ? 10 : 8 / bits; }
+
+// Attribute checks, at session creation.
+std::string check_attrs(const Attrs& a) {
+  if (a.N <= 0 || a.K <= 0) return "N and K must be positive";
+  if (a.bits != 1 && a.bits != 2 && a.bits != 3 && a.bits != 4 && a.bits != 8) {
+    return "bits must be 1, 2, 3, 4 or 8, got " + std::to_string(a.bits);
+  }
+  if (a.axis != 0 && a.axis != 1) return "axis must be 0 or 1, got " + std::to_string(a.axis);
+  if (a.group_size <= 0 || (a.N * a.K) % a.group_size != 0) {
+    return "group_size " + std::to_string(a.group_size) + " does not divide N*K = " + std::to_string(a.N * a.K);
+  }
+  return "";
+}
+
+bool is_act(ONNXTensorElementDataType t) {
+  return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+}
+
+bool is_meta(ONNXTensorElementDataType t) {
+  return is_act(t) || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+}
+
+// Checks the inputs against the attributes and fills `p` (all but Y); returns an error message or "".
+std::string describe(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
+  const size_t count = ctx.GetInputCount();
+  if (count < 4 || count > 5) return "expects 4 or 5 inputs, got " + std::to_string(count);
+  Ort::ConstValue A = ctx.GetInput(0), W = ctx.GetInput(1), scale = ctx.GetInput(2), zero = ctx.GetInput(3);
+  Ort::ConstValue bias = count == 5 ? ctx.GetInput(4) : Ort::ConstValue{nullptr};
+  if (A == nullptr || W == nullptr || scale == nullptr || zero == nullptr) return "A, W, scale and zero are required";
+
+  const auto a_info = A.GetTensorTypeAndShapeInfo();
+  const auto a_type = a_info.GetElementType();
+  const auto a_shape = a_info.GetShape();
+  if (!is_act(a_type)) return "A must be float or float16";
+  if (a_shape.empty() || a_shape.back() != a.K) return "A of shape " + shape_text(a_shape) + " does not end in K = " + std::to_string(a.K);
+  p.M = static_cast<int64_t>(a_info.GetElementCount()) / a.K;
+  y_shape.assign(a_shape.begin(), a_shape.end());
+  y_shape.back() = a.N;
+
+  const auto w_info = W.GetTensorTypeAndShapeInfo();
+  const auto w_type = w_info.GetElementType();
+  const auto w_shape = w_info.GetShape();
+  const auto w_expected = a.bits == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  if (w_type != w_expected) return std::string("W must be ") + (a.bits == 3 ? "uint32" : "uint8") + " for bits " + std::to_string(a.bits);
+  const int64_t words = (a.K + codes_per_word(a.bits) - 1) / codes_per_word(a.bits);
+  if (w_shape != std::vector<int64_t>{a.N, words}) {
+    return "W of shape " + shape_text(w_shape) + " does not hold N x K = " + std::to_string(a.N) + " x " +
+           std::to_string(a.K) + " codes of " + std::to_string(a.bits) + " bits (expected " +
+           shape_text({a.N, words}) + ")";
+  }
+
+  const int64_t groups = a.N * a.K / a.group_size;
+  const std::vector<int64_t> meta_shape = a.axis == 1 ? std::vector<int64_t>{groups, 1} : std::vector<int64_t>{1, groups};
+  const auto s_info = scale.GetTensorTypeAndShapeInfo();
+  const auto z_info = zero.GetTensorTypeAndShapeInfo();
+  if (!is_meta(s_info.GetElementType())) return "scale must be float, float16 or bfloat16";
+  if (z_info.GetElementType() != s_info.GetElementType()) return "zero must have scale's dtype";
+  for (const auto* info : {&s_info, &z_info}) {
+    if (info->GetShape() != meta_shape) {
+      return std::string(info == &s_info ? "scale" : "zero") + " of shape " + shape_text(info->GetShape()) +
+             " is not " + shape_text(meta_shape) + " (N*K/group_size groups, axis " + std::to_string(a.axis) + ")";
+    }
+  }
+
+  if (bias != nullptr) {
+    const auto b_info = bias.GetTensorTypeAndShapeInfo();
+    if (b_info.GetElementType() != a_type) return "bias must have A's dtype";
+    if (b_info.GetShape() != std::vector<int64_t>{a.N}) return "bias of shape " + shape_text(b_info.GetShape()) + " is not [N]";
+    p.bias = bias.GetTensorRawData();
+  }
+
+  p.N = a.N;
+  p.K = a.K;
+  p.group_size = a.group_size;
+  p.groups = groups;
+  p.row_words = words;
+  p.bits = static_cast<int>(a.bits);
+  p.axis = static_cast<int>(a.axis);
+  p.act = static_cast<DType>(a_type);
+  p.meta = static_cast<DType>(s_info.GetElementType());
+  p.A = A.GetTensorRawData();
+  p.W = W.GetTensorRawData();
+  p.scale = scale.GetTensorRawData();
+  p.zero = zero.GetTensorRawData();
+  return "";
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+void ort_parallel_for(void* ctx, void (*fn)(void*, size_t), size_t total, void* data) {
+  Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(static_cast<OrtKernelContext*>(ctx), fn, total, 0, data));
+}
+
+void serial_for(void*, void (*fn)(void*, size_t), size_t total, void* data) {
+  for (size_t i = 0; i < total; ++i) fn(data, i);
+}
+
+template <typename Kernel>
+OrtStatusPtr compute(Kernel& kernel, OrtKernelContext* context) {
+  try {
+    Ort::KernelContext ctx(context);
+    Problem p;
+    std::vector<int64_t> y_shape;
+    const std::string message = describe(ctx, kernel.attrs, p, y_shape);
+    if (!message.empty()) return error(kernel.node, message);
+    auto Y = ctx.GetOutput(0, y_shape);
+    p.Y = Y.GetTensorMutableRawData();
+    if (p.M == 0) return nullptr;
+    const std::string failure = kernel.run(ctx, p);
+    return failure.empty() ? nullptr : error(kernel.node, failure);
+  } catch (const std::exception& e) {
+    return error(kernel.node, e.what());
+  }
+}
+
+struct CpuKernel {
+  static constexpr const char* kProvider = "CPUExecutionProvider";
+  Attrs attrs;
+  std::string node;
+
+  std::string run(Ort::KernelContext& ctx, Problem& p) {
+    const Runner runner{ctx.GetOrtKernelContext(), &ort_parallel_for};
+    const bool ok = cpu_has_avx2() ? avx2::matmul(p, runner) : baseline::matmul(p, runner);
+    return ok ? "" : "out of memory";
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute(*this, context); }
+};
+
+#ifdef HQEXPORT_WITH_CUDA
+struct CudaKernel {
+  static constexpr const char* kProvider = "CUDAExecutionProvider";
+  Attrs attrs;
+  std::string node;
+
+  std::string run(Ort::KernelContext& ctx, Problem& p) {
+    const char* message = cuda_matmul(p, ctx.GetGPUComputeStream());
+    return message == nullptr ? "" : message;
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute(*this, context); }
+};
+#endif
+
+template <typename Kernel>
+struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
+  explicit Op(ONNXTensorElementDataType act) : act_(act) {}
+
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** out) const {
+    std::string node = "?";
+    try {
+      Ort::ConstKernelInfo kinfo(info);
+      node = kinfo.GetNodeName();
+      Attrs a;
+      for (auto [name, field] : {std::pair<const char*, int64_t*>{"N", &a.N}, {"K", &a.K}, {"bits", &a.bits},
+                                 {"group_size", &a.group_size}, {"axis", &a.axis}}) {
+        int64_t value = 0;
+        if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value)) {
+          Ort::GetApi().ReleaseStatus(status);
+          return error(node, std::string("missing or non-integer attribute '") + name + "'");
+        }
+        *field = value;
+      }
+      const std::string message = check_attrs(a);
+      if (!message.empty()) return error(node, message);
+      *out = new Kernel{a, node};
+      return nullptr;
+    } catch (const std::exception& e) {
+      return error(node, e.what());
+    }
+  }
+
+  const char* GetName() const { return kOpType; }
+  const char* GetExecutionProviderType() const { return Kernel::kProvider; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 0 || i == 4 ? act_ : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return act_; }
+
+ private:
+  ONNXTensorElementDataType act_;
+};
+
+template <typename Kernel>
+void add_ops(Ort::CustomOpDomain& domain) {
+  static Op<Kernel> f32(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  static Op<Kernel> f16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+  domain.Add(&f32);
+  domain.Add(&f16);
+}
+
+// Domains must outlive every session that uses them: kept until the library is unloaded.
+std::mutex domains_mutex;
+std::vector<Ort::CustomOpDomain> domains;
+
+}  // namespace
+}  // namespace hqx
+
+HQX_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    std::fprintf(stderr, "hqexport kernels: this onnxruntime does not provide ORT API version %d\n", ORT_API_VERSION);
+    return nullptr;
+  }
+  Ort::InitApi(api);
+  try {
+    Ort::CustomOpDomain domain{hqx::kDomain};
+    hqx::add_ops<hqx::CpuKernel>(domain);
+#ifdef HQEXPORT_WITH_CUDA
+    hqx::add_ops<hqx::CudaKernel>(domain);
+#endif
+    Ort::UnownedSessionOptions(options).Add(domain);
+    std::lock_guard<std::mutex> lock(hqx::domains_mutex);
+    hqx::domains.push_back(std::move(domain));
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return api->CreateStatus(e.GetOrtErrorCode(), e.what());
+  }
+}
+
+// The dequantized weight [N, K] as floats (values of A's dtype), for tests that check it bit for bit against the
+// numpy reference. meta/act are ONNX element types; returns 0, or 1 for arguments the op would refuse.
+HQX_EXPORT int hqexport_dequantize(const void* W, const void* scale, const void* zero, int meta, int act, int64_t N,
+                                   int64_t K, int64_t bits, int64_t group_size, int64_t axis, float* out) {
+  const hqx::Attrs a{N, K, bits, group_size, axis};
+  const bool types_ok = (act == 1 || act == 10) && (meta == 1 || meta == 10 || meta == 16);
+  if (!hqx::check_attrs(a).empty() || !types_ok) return 1;
+  hqx::Problem p;
+  p.N = N;
+  p.K = K;
+  p.group_size = group_size;
+  p.groups = N * K / group_size;
+  p.row_words = (K + hqx::codes_per_word(bits) - 1) / hqx::codes_per_word(bits);
+  p.bits = static_cast<int>(bits);
+  p.axis = static_cast<int>(axis);
+  p.act = static_cast<hqx::DType>(act);
+  p.meta = static_cast<hqx::DType>(meta);
+  p.W = W;
+  p.scale = scale;
+  p.zero = zero;
+  if (hqx::cpu_has_avx2()) {
+    hqx::avx2::dequantize(p, out);
+  } else {
+    hqx::baseline::dequantize(p, out);
+  }
+  return 0;
+}
+
+// "avx2" or "baseline": which build of the CPU kernel this machine runs.
+HQX_EXPORT const char* hqexport_cpu_isa() { return hqx::cpu_has_avx2() ? "avx2" : "baseline"; }

@@ -1,0 +1,46 @@
+// One hqexport::HQQMatMul call, described independently of onnxruntime (docs/kernels.md).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace hqx {
+
+// ONNX TensorProto element types of the dtypes the op accepts.
+enum class DType : int { F32 = 1, F16 = 10, BF16 = 16 };
+
+struct Problem {
+  int64_t M = 0;           // rows of A (product of A's leading dims)
+  int64_t N = 0, K = 0;    // output / input features
+  int64_t group_size = 0;  // HQQ group size g
+  int64_t groups = 0;      // G = N * K / g
+  int64_t row_words = 0;   // words per row of W (uint8, or uint32 for bits 3)
+  int bits = 0;            // storage bits: 1, 2, 3, 4, 8
+  int axis = 1;            // HQQ grouping axis
+  DType act = DType::F32;  // dtype of A, bias and Y
+  DType meta = DType::F32; // dtype of scale and zero: the layer's compute dtype
+  const void* A = nullptr;
+  const void* W = nullptr;
+  const void* scale = nullptr;
+  const void* zero = nullptr;
+  const void* bias = nullptr;  // may be null
+  void* Y = nullptr;
+};
+
+// Runs fn(data, i) for i in [0, total), possibly in parallel (onnxruntime's intra-op pool, or a plain loop).
+struct Runner {
+  void* ctx;
+  void (*parallel_for)(void* ctx, void (*fn)(void*, size_t), size_t total, void* data);
+};
+
+// The CPU kernel, compiled once per instruction set (cpu_kernel.cpp) and chosen at run time.
+#define HQX_DECLARE_CPU(ns)                                              \
+  namespace ns {                                                         \
+  bool matmul(const Problem& p, const Runner& runner);                   \
+  void dequantize(const Problem& p, float* out);                         \
+  }
+HQX_DECLARE_CPU(baseline)
+HQX_DECLARE_CPU(avx2)
+#undef HQX_DECLARE_CPU
+
+}  // namespace hqx
