@@ -53,5 +53,97 @@ def inspect(path: Path, as_json: bool) -> None:
         render_inspect(report)
 
 
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (created).")
+@click.option(
+    "--ops",
+    type=click.Choice(["auto", "hqq"]),
+    default="auto",
+    show_default=True,
+    help="Op per quantized linear; for now both write hqexport.HQQMatMul everywhere.",
+)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="dtype of the fp parts.")
+@click.option("--opset", type=int, help="ONNX opset (default 20).")
+@click.option("--force", is_flag=True, help="Replace OUT if it holds an earlier export.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def convert(source: Path, out: Path, ops: str, dtype: str, opset: int | None, force: bool, as_json: bool) -> None:
+    """Export an HQQ model folder to ONNX (model.onnx + data, tokenizer, genai_config.json, hqexport.json)."""
+    from hqexport.convert import convert as run_convert
+
+    summary = run_convert(source, out, dtype=dtype, opset=opset, force=force, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+    else:
+        click.echo(
+            f"Wrote {summary.out}: {summary.architecture}, {summary.quantized_layers} quantized layers, "
+            f"{summary.onnx_bytes / 1e6:.2f} MB in {summary.seconds:.1f} s"
+        )
+
+
+@main.command()
+@click.option("--tokens", type=int, default=16, show_default=True, help="Greedy tokens to generate.")
+def demo(tokens: int) -> None:
+    """Build the bundled sample HQQ model, convert it, and generate with onnxruntime next to PyTorch."""
+    from hqexport.demo import run_demo
+
+    if not run_demo(tokens=tokens):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), help="HQQ source folder (default: the one in hqexport.json).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--prompts", type=click.Path(path_type=Path), help="Text file with one prompt per line.")
+@click.option("--tokens", type=int, default=16, show_default=True, help="Greedy tokens generated per prompt.")
+@click.option("--adapter", help="Also check this adapter (a name from hqexport.json, or 'all').")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report as JSON here.")
+def validate(out: Path, reference: Path | None, provider: str, prompts: Path | None, tokens: int, adapter: str | None, json_path: Path | None) -> None:
+    """Check that an exported folder computes what its HQQ source computes (exit 1 when a check fails)."""
+    from hqexport.validate import read_prompts, validate as run_validate
+    from hqexport.validate.report import render, write_json
+
+    report = run_validate(out, reference=reference, provider=provider, prompts=read_prompts(prompts), tokens=tokens, adapter=adapter)
+    render(report)
+    if json_path is not None:
+        write_json(report, json_path)
+    if not report.passed:
+        sys.exit(1)
+
+
+@main.group()
+def kernels() -> None:
+    """The compiled HQQMatMul kernels (onnxruntime custom-op library): build it, or show where it is."""
+
+
+@kernels.command("build")
+@click.option("--force", is_flag=True, help="Rebuild even if the cached library matches the sources.")
+def kernels_build(force: bool) -> None:
+    """Build the library (headers from ORT_INCLUDE_DIR or Debian's libonnxruntime-dev) and print its path."""
+    from hqexport.kernels import build
+
+    path = build.build_library(force=force)
+    click.echo(f"CPU kernel: {path}")
+    if build.with_cuda():
+        click.echo("CUDA kernel: built into the library (CUDAExecutionProvider)")
+    elif build.nvcc() is not None:
+        click.echo(f"CUDA kernel: compile check only, no CUDA EP in this onnxruntime ({build.cuda_compile_check()})")
+    else:
+        click.echo("CUDA kernel: not built (nvcc not found)")
+
+
+@kernels.command("path")
+def kernels_path() -> None:
+    """Print the library's path; exit 1 if it is not built for the current sources."""
+    from hqexport.kernels import library_path
+
+    path = library_path()
+    if path is None:
+        click.echo("hqexport: the kernels library is not built; run `hqexport kernels build`", err=True)
+        sys.exit(1)
+    click.echo(str(path))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,96 @@
+"""QuantizedModel -> the transformers causal LM it came from, fp parts loaded, HQQ linears as hqexport op modules.
+
+The model skeleton is built with empty (meta) parameters, so no full-size fp weight of a quantized layer is ever
+allocated; buffers such as rotary frequencies are computed for real by the model's own constructor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+
+from hqexport.errors import HQExportError, UnsupportedModelError
+from hqexport.export.quant_linear import HQQMatMulLinear
+from hqexport.model import QuantizedModel
+
+#: transformers model_type -> causal LM class, the architectures convert is tested on
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+}
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+
+#: config keys that describe the checkpoint, not the architecture
+_CHECKPOINT_KEYS = ("quantization_config", "torch_dtype", "dtype", "_name_or_path", "transformers_version")
+
+
+def supported_list() -> str:
+    return ", ".join(f"{cls} ({key})" for key, cls in SUPPORTED_MODEL_TYPES.items())
+
+
+def model_config(qmodel: QuantizedModel) -> transformers.PretrainedConfig:
+    """The transformers config of a supported architecture, without the checkpoint's quantization settings."""
+    model_type = qmodel.config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"architecture {qmodel.architecture} (model_type {model_type!r}) is not supported; "
+            f"supported: {supported_list()}"
+        )
+    values: dict[str, Any] = {k: v for k, v in qmodel.config.items() if k not in _CHECKPOINT_KEYS}
+    config = transformers.AutoConfig.for_model(**values)
+    if "lm_head" in qmodel.linears:  # a quantized head cannot share the fp embedding matrix
+        config.tie_word_embeddings = False
+    return config
+
+
+def _install_linears(model: torch.nn.Module, qmodel: QuantizedModel, act_dtype: torch.dtype) -> None:
+    for path, layer in qmodel.linears.items():
+        parent_path, _, child = path.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_path)
+            current = getattr(parent, child)
+        except AttributeError:
+            raise HQExportError(f"quantized layer {path} is not a module of {qmodel.architecture}") from None
+        if not isinstance(current, torch.nn.Linear) or (current.out_features, current.in_features) != layer.shape:
+            raise HQExportError(
+                f"quantized layer {path} has shape {list(layer.shape)}, but {qmodel.architecture} has "
+                f"{type(current).__name__} {getattr(current, 'weight', torch.empty(0)).shape} there"
+            )
+        setattr(parent, child, HQQMatMulLinear(layer, act_dtype))
+
+
+def _load_fp_tensors(model: torch.nn.Module, qmodel: QuantizedModel, dtype: torch.dtype) -> None:
+    state = {
+        key: value.to(dtype) if value.is_floating_point() else value for key, value in qmodel.tensors.items()
+    }
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise HQExportError(
+            f"the weights hold tensors {qmodel.architecture} does not have: {', '.join(result.unexpected_keys[:5])}"
+        )
+    if model.config.tie_word_embeddings:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    missing = [name for name, param in model.named_parameters() if param.is_meta]
+    if missing:
+        raise HQExportError(f"the weights lack fp tensors {', '.join(missing[:5])} of {qmodel.architecture}")
+
+
+def rebuild_model(qmodel: QuantizedModel, dtype: str = "fp32", attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """The causal LM with fp parts in `dtype` and every quantized linear an HQQMatMulLinear."""
+    torch_dtype = DTYPES[dtype]
+    config = model_config(qmodel)
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=torch_dtype, attn_implementation=attn_implementation
+        )
+    _install_linears(model, qmodel, torch_dtype)
+    _load_fp_tensors(model, qmodel, torch_dtype)
+    return model.eval()

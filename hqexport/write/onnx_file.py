@@ -1,0 +1,33 @@
+"""model.onnx + model.onnx.data: save, attach the op's function body, cap the IR version, check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from hqexport.ops.function import attach_function
+from hqexport.ops.schema import register_schema
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+#: onnx 1.23 writes IR 11+; onnxruntime 1.31 and onnxruntime-genai load IR <= 10 for the opsets we emit
+MAX_IR_VERSION = 10
+
+
+def write_onnx(model: ir.Model, folder: Path) -> Path:
+    """Write `model` into `folder` with all large initializers in one external data file; return model.onnx.
+
+    The function body is attached to the saved graph proto (loaded without its data), so the weights are
+    written once and never copied into a protobuf in memory.
+    """
+    path = folder / MODEL_FILE
+    ir.save(model, path, external_data=DATA_FILE)
+    proto = onnx.load(str(path), load_external_data=False)
+    attach_function(proto)
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    onnx.save(proto, str(path))
+    register_schema()
+    onnx.checker.check_model(str(path), full_check=True)
+    return path

@@ -1,0 +1,336 @@
+"""hqexport convert: tiny models of every supported architecture and several HQQ formats, exported and run in
+stock onnxruntime (CPU, default session options, no custom library), compared with the PyTorch model that has
+hqq's own HQQLinear layers.
+
+Each case is exported once (module-scoped fixture); the fp16 case goes through the CLI with --json and --force.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from hqq.core.quantize import HQQLinear
+
+from hqexport.cli import main
+from hqexport.convert import convert
+from hqexport.errors import HQExportError, UnsupportedModelError
+from hqexport.formats import unpack_canonical
+from hqexport.read.live import read_live_model
+from hqexport.read.source import read_source
+from tests.conftest import FORMATS
+
+PROMPTS = [[5, 17, 42, 9, 100, 7], [260, 3, 11, 64, 2, 88]]
+DECODE_STEPS = 8
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str
+    form: str
+    quant: dict
+    dtype: str = "fp32"
+
+
+CASES = {
+    # one format per linear (4, 3, 2 axis 0, 8, 1, 1.58 bits; down_proj fp), tied embeddings, wide enough to measure
+    # the file size against the weights
+    "llama-tied-mixed-wide": Case(
+        "llama", "safetensors", dict(mixed=True, tie_word_embeddings=True, hidden_size=256, intermediate_size=512)
+    ),
+    "qwen2-3bit": Case("qwen2", "pickle", FORMATS["3bit"]),
+    "qwen3-2bit-axis0": Case("qwen3", "sharded", FORMATS["2bit-axis0"]),
+    "mistral-8bit": Case("mistral", "safetensors", FORMATS["8bit"]),
+    "phi3-4bit": Case("phi3", "safetensors", FORMATS["4bit"]),
+    "gemma-4bit": Case("gemma", "pickle", FORMATS["4bit"]),
+    "mistral-4bit-fp16-cli": Case("mistral", "pickle", FORMATS["4bit"], dtype="fp16"),
+}
+
+
+@dataclass
+class Exported:
+    case: Case
+    live: torch.nn.Module
+    source: Path
+    out: Path
+    summary: dict
+    source_digest_before: str
+
+
+def folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, hqq_model, hqq_source, tmp_path_factory) -> Exported:
+    case = CASES[request.param]
+    live = hqq_model(case.arch, **case.quant)
+    source = hqq_source(case.arch, case.form, **case.quant)
+    before = folder_digest(source)
+    out = tmp_path_factory.mktemp(request.param) / "onnx"
+    if case.dtype == "fp32":
+        summary = convert(source, out, progress=False).to_dict()
+    else:  # through the CLI, replacing an earlier output with --force
+        out.mkdir()
+        (out / "hqexport.json").write_text("{}")
+        (out / "stale.txt").write_text("from an earlier export")
+        args = ["convert", str(source), "-o", str(out), "--dtype", case.dtype, "--force", "--json"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+    print(f"\nexported {request.param} in {summary['seconds']} s")
+    return Exported(case, live, source, out, summary, before)
+
+
+def _ort_steps(session: ort.InferenceSession, prompts: np.ndarray, steps: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Greedy generation through the graph's KV cache: last-position logits of each step, generated tokens."""
+    past_inputs = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    batch = prompts.shape[0]
+    cache_dtype = np.float16 if past_inputs[0].type == "tensor(float16)" else np.float32
+    feeds = {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), cache_dtype) for i in past_inputs}
+    ids, total, logits, tokens = prompts, 0, [], []
+    for _ in range(steps + 1):
+        length = ids.shape[1]
+        feeds.update(
+            input_ids=ids,
+            attention_mask=np.ones((batch, total + length), np.int64),
+            position_ids=np.tile(np.arange(total, total + length), (batch, 1)),
+        )
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        total += length
+        for name in list(feeds):
+            if name.startswith("past_key_values."):
+                feeds[name] = outputs[name.replace("past_key_values.", "present.")]
+        last = outputs["logits"][:, -1].astype(np.float32)
+        logits.append(last)
+        tokens.append(last.argmax(-1))
+        ids = tokens[-1][:, None].astype(np.int64)
+    return logits, np.stack(tokens, 1)
+
+
+@torch.inference_mode()
+def _torch_steps(model: torch.nn.Module, prompts: np.ndarray, steps: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The same greedy loop on the PyTorch model with hqq's HQQLinear layers and transformers' own cache."""
+    ids, cache, logits, tokens = torch.from_numpy(prompts), None, [], []
+    for _ in range(steps + 1):
+        out = model(input_ids=ids, cache=cache, use_cache=True)
+        cache = out.cache
+        last = out.logits[:, -1].float()
+        logits.append(last.numpy())
+        tokens.append(last.argmax(-1).numpy())
+        ids = last.argmax(-1, keepdim=True)
+    return logits, np.stack(tokens, 1)
+
+
+def test_onnxruntime_matches_hqq_through_kv_cache(exported: Exported):
+    session = ort.InferenceSession(str(exported.out / "model.onnx"), providers=["CPUExecutionProvider"])
+    prompts = np.array(PROMPTS, dtype=np.int64) % exported.live.config.vocab_size
+    onnx_logits, onnx_tokens = _ort_steps(session, prompts, DECODE_STEPS)
+    torch_logits, torch_tokens = _torch_steps(exported.live, prompts, DECODE_STEPS)
+    scale = max(float(np.abs(t).max()) for t in torch_logits)
+    worst = max(float(np.abs(o - t).max()) for o, t in zip(onnx_logits, torch_logits))
+    if exported.case.dtype == "fp32":
+        assert worst <= 1e-4 * scale, f"max |Δ logit| {worst:.3g} vs max |logit| {scale:.3g}"
+        np.testing.assert_array_equal(onnx_tokens, torch_tokens)
+    else:  # fp16 activations and cache: close to the fp32 reference, not equal
+        assert worst <= 2e-2 * scale, f"max |Δ logit| {worst:.3g} vs max |logit| {scale:.3g}"
+
+
+def test_graph_signature(exported: Exported):
+    model = onnx.load(str(exported.out / "model.onnx"), load_external_data=False)
+    layers = exported.live.config.num_hidden_layers
+    cache = [f"{kind}.{i}.{kv}" for kind in ("past_key_values",) for i in range(layers) for kv in ("key", "value")]
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask", "position_ids", *cache]
+    present = [name.replace("past_key_values", "present") for name in cache]
+    assert [o.name for o in model.graph.output] == ["logits", *present]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims["input_ids"] == ["batch", "sequence"]
+    assert dims["past_key_values.0.key"][0] == "batch" and isinstance(dims["past_key_values.0.key"][2], str)
+    assert model.ir_version <= 10
+    onnx.checker.check_model(str(exported.out / "model.onnx"), full_check=True)
+
+
+def _budget_bytes(live: torch.nn.Module, dtype: str) -> tuple[int, int]:
+    """(hqq's packed W_q + scale + zero + bias of every HQQLinear, every other parameter once) of the live model."""
+    packed = 0
+    for module in live.modules():
+        if isinstance(module, HQQLinear):
+            tensors = [module.W_q, module.meta["scale"], module.meta["zero"]] + ([module.bias] if module.bias is not None else [])
+            packed += sum(t.numel() * t.element_size() for t in tensors)
+    fp_size = 2 if dtype == "fp16" else 4
+    fp = sum(p.numel() * fp_size for p in live.parameters() if p.is_floating_point())  # parameters() counts tied once
+    return packed, fp
+
+
+def test_no_fp_copy_of_a_quantized_weight(exported: Exported):
+    model = onnx.load(str(exported.out / "model.onnx"))  # with its external data
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    packed, fp = _budget_bytes(exported.live, exported.case.dtype)
+    total = sum(array.nbytes for array in arrays.values())
+    # canonical 3-bit rows are padded to whole 10-code words per output row; everything else matches hqq byte for byte
+    assert total <= 1.05 * (packed + fp) + 4096, (total, packed, fp)
+    dequantized = [m.dequantize().float().numpy() for m in exported.live.modules() if isinstance(m, HQQLinear)]
+    for name, array in arrays.items():
+        if array.dtype.kind != "f" or array.ndim != 2:
+            continue
+        for weight in dequantized:
+            for candidate in (weight, weight.T):
+                if candidate.shape == array.shape:
+                    assert not np.allclose(array.astype(np.float32), candidate, atol=1e-3), f"{name} is a dequantized weight"
+
+
+def test_manifest_names_the_packed_weights_of_each_layer(exported: Exported):
+    manifest = json.loads((exported.out / "hqexport.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["source"]["path"] == str(exported.source.resolve())
+    assert manifest["source"]["kind"] in ("hqq-pickle", "hqq-safetensors")
+    assert manifest["model"]["dtype"] == exported.case.dtype and manifest["model"]["uses_position_ids"]
+    model = onnx.load(str(exported.out / "model.onnx"))  # with its external data
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    hqq_layers = {name: m for name, m in exported.live.named_modules() if isinstance(m, HQQLinear)}
+    assert set(manifest["layers"]) == set(hqq_layers)
+    for path, entry in manifest["layers"].items():
+        layer = hqq_layers[path]
+        node = nodes[entry["node"]]
+        assert (node.domain, node.op_type) == ("hqexport", "HQQMatMul")
+        names = entry["initializers"]
+        assert list(node.input[1:4]) == [names["weight"], names["scale"], names["zero"]]
+        n, k = layer.meta["shape"]
+        bits = {8: 8, 4: 4, 3: 3, 2: 2, 1.58: 2, 1: 1}[entry["nbits"]]
+        codes = torch.from_numpy(unpack_canonical(initializers[names["weight"]], k, bits).astype(np.float32))
+        scale = torch.from_numpy(np.array(initializers[names["scale"]]))
+        zero = torch.from_numpy(np.array(initializers[names["zero"]]))
+        groups = scale.numel()
+        grouped = codes.reshape((groups, -1) if entry["axis"] == 1 else (-1, groups))
+        assert torch.equal(((grouped - zero) * scale).reshape(n, k), layer.dequantize()), path
+
+
+def test_output_folder_contents_and_source_untouched(exported: Exported):
+    names = sorted(p.name for p in exported.out.iterdir())
+    assert names == sorted(
+        ["model.onnx", "model.onnx.data", "genai_config.json", "hqexport.json", "tokenizer.json", "tokenizer_config.json"]
+    )
+    assert not [p for p in exported.out.parent.iterdir() if p.name.startswith(".")], "staging folders left behind"
+    manifest = json.loads((exported.out / "hqexport.json").read_text())
+    for name, digest in manifest["outputs"].items():
+        assert hashlib.sha256((exported.out / name).read_bytes()).hexdigest() == digest, name
+    assert folder_digest(exported.source) == exported.source_digest_before
+    genai = json.loads((exported.out / "genai_config.json").read_text())["model"]
+    config = exported.live.config
+    assert genai["type"] == config.model_type
+    assert genai["decoder"]["num_hidden_layers"] == config.num_hidden_layers
+    assert genai["decoder"]["num_key_value_heads"] == config.num_key_value_heads
+    assert exported.summary["onnx_bytes"] == sum((exported.out / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
+
+
+@pytest.mark.parametrize("exported", ["llama-tied-mixed-wide"], indirect=True)
+def test_file_bytes_within_ten_percent_of_packed_plus_fp(exported: Exported, record_property):
+    """On the widest case: in the tiny ones the graph itself outweighs the weights."""
+    packed, fp = _budget_bytes(exported.live, exported.case.dtype)
+    ratio = exported.summary["onnx_bytes"] / (packed + fp)
+    record_property("file_bytes_ratio", ratio)
+    print(f"\nfile bytes {exported.summary['onnx_bytes']} / (packed {packed} + fp {fp}) = {ratio:.3f}")
+    assert ratio <= 1.10
+
+
+@pytest.mark.parametrize("exported", ["llama-tied-mixed-wide"], indirect=True)
+def test_onnxruntime_genai_generates_the_hqq_tokens(exported: Exported):
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(exported.out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPTS[0]) + DECODE_STEPS, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([PROMPTS[0]], dtype=np.int32))
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    _, torch_tokens = _torch_steps(exported.live, np.array([PROMPTS[0]], dtype=np.int64), DECODE_STEPS - 1)
+    expected = [int(t) for t in torch_tokens[0]]
+    eos = exported.live.config.eos_token_id
+    if eos in expected:  # genai stops at the end-of-sequence token
+        expected = expected[: expected.index(eos) + 1]
+    assert tokens == expected
+
+
+# ---- errors and the output folder (no export needed) ----
+
+
+@pytest.fixture(scope="module")
+def small_source(hqq_source) -> Path:
+    return hqq_source("llama", "pickle", **FORMATS["4bit"])
+
+
+def test_existing_output_refused_without_force(small_source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(HQExportError, match="already exists; pass --force"):
+        convert(small_source, out, progress=False)
+    with pytest.raises(HQExportError, match="not an hqexport output"):
+        convert(small_source, out, force=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    result = CliRunner().invoke(main, ["convert", str(small_source), "-o", str(out)])
+    assert result.exit_code == 2 and "already exists" in result.stderr
+
+
+def test_output_inside_or_around_the_source_refused(small_source):
+    with pytest.raises(HQExportError, match="inside the source folder"):
+        convert(small_source, small_source / "onnx", progress=False)
+    with pytest.raises(HQExportError, match="inside the source folder"):
+        convert(small_source, small_source, force=True, progress=False)
+    with pytest.raises(HQExportError, match="contains the source folder"):
+        convert(small_source, small_source.parent, force=True, progress=False)
+
+
+def test_failed_export_leaves_no_output(small_source, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("export broke")
+
+    monkeypatch.setattr("hqexport.convert.export_decoder", fail)
+    with pytest.raises(RuntimeError, match="export broke"):
+        convert(small_source, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_architecture_names_the_supported_ones(small_source, tmp_path):
+    qmodel = read_source(small_source)
+    qmodel.config["model_type"] = "gpt_neox"
+    qmodel.config["architectures"] = ["GPTNeoXForCausalLM"]
+    with pytest.raises(UnsupportedModelError, match=r"GPTNeoXForCausalLM.*supported: LlamaForCausalLM.*Qwen3ForCausalLM"):
+        convert(qmodel, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_options_are_user_errors(small_source, tmp_path):
+    with pytest.raises(HQExportError, match="dtype"):
+        convert(small_source, tmp_path / "a", dtype="bf16", progress=False)
+    with pytest.raises(HQExportError, match="opset 12"):
+        convert(small_source, tmp_path / "b", opset=12, progress=False)
+    result = CliRunner().invoke(main, ["convert", str(tmp_path / "missing"), "-o", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "no such folder" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rebuilt_model_from_a_live_model_matches_hqq(hqq_model):
+    """The rebuilt PyTorch model (hqexport op modules, before export) computes what the hqq model computes."""
+    from hqexport.export.rebuild import rebuild_model
+
+    live = hqq_model("llama", **FORMATS["4bit"])
+    rebuilt = rebuild_model(read_live_model(live))
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt(input_ids=ids).logits, live(input_ids=ids).logits, rtol=0, atol=1e-5)
