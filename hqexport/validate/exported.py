@@ -1,0 +1,142 @@
+"""The exported folder as validate sees it: manifest, graph structure, safe external data, adapters, source.
+
+Every user mistake here (missing folder, no manifest, an external-data path leaving the folder, unknown adapter,
+no reference source) is an HQExportError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from hqexport.errors import HQExportError
+
+MANIFEST = "hqexport.json"
+MODEL = "model.onnx"
+
+
+@dataclass
+class Exported:
+    folder: Path
+    manifest: dict[str, Any]
+    graph: onnx.ModelProto  # structure only: external tensors are not loaded (read them with `initializer`)
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / MODEL
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        return self.manifest.get("model", {})
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model_info.get("dtype", "fp32"))
+
+    @property
+    def layers(self) -> dict[str, dict[str, Any]]:
+        return self.manifest.get("layers", {})
+
+    @property
+    def adapters(self) -> dict[str, dict[str, Any]]:
+        return self.manifest.get("adapters") or {}
+
+    def initializer(self, name: str) -> np.ndarray:
+        """One initializer as numpy, reading only its bytes from external data."""
+        tensor = self._initializers.get(name)
+        if tensor is None:
+            raise KeyError(name)
+        return numpy_helper.to_array(tensor, base_dir=str(self.folder))
+
+    def has_initializer(self, name: str) -> bool:
+        return name in self._initializers
+
+    def __post_init__(self) -> None:
+        self._initializers = {tensor.name: tensor for tensor in self.graph.graph.initializer}
+
+
+def open_exported(folder: Path) -> Exported:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HQExportError("exported folder not found", folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise HQExportError(f"has no {MANIFEST}; is it a folder written by `hqexport convert`?", folder)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HQExportError(f"is not valid JSON: {error}", manifest_path) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), dict):
+        raise HQExportError("has no 'layers' table", manifest_path)
+    model_path = folder / MODEL
+    if not model_path.is_file():
+        raise HQExportError(f"has no {MODEL}", folder)
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - protobuf raises DecodeError and others
+        raise HQExportError(f"cannot be parsed as ONNX: {error}", model_path) from None
+    check_external_data(graph, folder)
+    return Exported(folder, manifest, graph)
+
+
+def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    """Refuse external-data locations that are absolute or resolve outside `folder`."""
+    root = folder.resolve()
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
+        if not location:
+            raise HQExportError(f"tensor {tensor.name} has external data without a location", folder / MODEL)
+        target = (root / location).resolve()
+        if Path(location).is_absolute() or (target != root and root not in target.parents):
+            raise HQExportError(
+                f"tensor {tensor.name} points at external data {location!r} outside the model folder; refusing it",
+                folder / MODEL,
+            )
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+
+
+def reference_source(exported: Exported, override: Path | None) -> Path:
+    """--reference if given, else the source path recorded in the manifest (which must still exist)."""
+    if override is not None:
+        return Path(override)
+    source = exported.manifest.get("source") or {}
+    path = source.get("path")
+    if not path:
+        raise HQExportError(
+            f"the manifest records no source folder (kind {source.get('kind', 'unknown')!r}); pass --reference SOURCE",
+            exported.folder / MANIFEST,
+        )
+    if not Path(path).is_dir():
+        raise HQExportError(
+            f"the source folder {path} recorded in the manifest no longer exists; pass --reference SOURCE",
+            exported.folder / MANIFEST,
+        )
+    return Path(path)
+
+
+def selected_adapters(exported: Exported, adapter: str | None) -> list[str]:
+    """Adapter names to check: none, one (must exist) or all."""
+    if adapter is None:
+        return []
+    names = sorted(exported.adapters)
+    if adapter == "all":
+        return names
+    if adapter not in exported.adapters:
+        known = ", ".join(names) if names else "none"
+        raise HQExportError(f"has no adapter {adapter!r} (adapters: {known})", exported.folder / MANIFEST)
+    return [adapter]

@@ -1,0 +1,122 @@
+"""The weight each quantized ONNX node implies, decoded from its initializers with hqexport's numpy path.
+
+One decoder per op the export may emit, keyed like the manifest's `layers[...].op`:
+
+- `hqexport.HQQMatMul`: canonical codes, scale and zero in the compute dtype; decoded with
+  `hqexport.ops.reference.dequantize_canonical` (the op's numpy reference) and compared with hqq's
+  `HQQLinear.dequantize()` **exactly** (same dtype, array_equal).
+- `com.microsoft.MatMulNBits` (lowered layers, docs/ops.md): codes in MatMulNBits' B, uint8 zero points and
+  scales in the activation dtype, plus the optional `zero_correction` per group. The implied weight
+  (q - zp) * s + corr is evaluated in float64; it cannot be bit-identical to hqq's (one rounding more), so it
+  must agree to a few units in the last place of the coarser of the compute and activation dtypes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from hqexport.formats import unpack_canonical
+from hqexport.ops.reference import dequantize_canonical
+from hqexport.validate.exported import Exported
+
+HQQ_OP = "hqexport.HQQMatMul"
+NBITS_OP = "com.microsoft.MatMulNBits"
+
+
+@dataclass
+class DecodedWeight:
+    weight: np.ndarray  # [N, K]
+    exact: bool  # True: must equal hqq's dequantize() bit for bit; False: within a few ulp
+
+
+class DecodeError(Exception):
+    """The ONNX side of one layer is not what the manifest says (missing initializer, wrong attributes)."""
+
+
+def _nodes_by_name(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {node.name: node for node in model.graph.node}
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, int]:
+    return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+
+
+def _hqq(exported: Exported, name: str, entry: dict, nodes: dict[str, onnx.NodeProto]) -> DecodedWeight:
+    names = entry.get("initializers") or {}
+    node = nodes.get(entry.get("node", ""))
+    if node is None or node.op_type != "HQQMatMul":
+        raise DecodeError(f"no HQQMatMul node named {entry.get('node')!r} in model.onnx")
+    attrs = _attrs(node)
+    n, k = (int(d) for d in entry["shape"])
+    if (attrs.get("N"), attrs.get("K"), attrs.get("group_size"), attrs.get("axis")) != (
+        n, k, int(entry["group_size"]), int(entry["axis"])
+    ):
+        raise DecodeError(f"node attributes {attrs} disagree with the manifest {entry}")
+    try:
+        packed, scale, zero = (exported.initializer(names[key]) for key in ("weight", "scale", "zero"))
+    except KeyError as error:
+        raise DecodeError(f"initializer {error} is missing") from None
+    if list(node.input[1:4]) != [names["weight"], names["scale"], names["zero"]]:
+        raise DecodeError(f"node {node.name} reads {list(node.input[1:4])}, the manifest names {names}")
+    if scale.dtype != zero.dtype or scale.size != n * k // attrs["group_size"]:
+        raise DecodeError(f"scale {scale.dtype}{list(scale.shape)} / zero {zero.dtype}{list(zero.shape)} do not fit")
+    weight = dequantize_canonical(
+        packed, scale, zero, N=n, K=k, bits=attrs["bits"], group_size=attrs["group_size"], axis=attrs["axis"]
+    )
+    return DecodedWeight(weight, exact=True)
+
+
+def _matmulnbits(exported: Exported, name: str, entry: dict, nodes: dict[str, onnx.NodeProto]) -> DecodedWeight:
+    prefix = entry.get("node") or name
+    names = {key: f"{prefix}.{key}" for key in ("B", "scales", "zero_points", "zero_correction")}
+    names.update(entry.get("initializers") or {})
+    node = next((n for n in nodes.values() if n.op_type == "MatMulNBits" and len(n.input) > 1 and n.input[1] == names["B"]), None)
+    if node is None:
+        raise DecodeError(f"no MatMulNBits node reads {names['B']!r}")
+    attrs = _attrs(node)
+    n, k, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
+    if [n, k] != [int(d) for d in entry["shape"]] or block != int(entry["group_size"]):
+        raise DecodeError(f"MatMulNBits attributes {attrs} disagree with the manifest {entry}")
+    blocks = k // block
+    try:
+        b = exported.initializer(names["B"])
+        scales = exported.initializer(names["scales"]).astype(np.float64).reshape(n, blocks)
+        zp_packed = exported.initializer(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    except KeyError as error:
+        raise DecodeError(f"initializer {error} is missing") from None
+    codes = unpack_canonical(b.reshape(n, -1), k, bits).astype(np.float64)
+    if zp_packed is None:
+        zp = np.full((n, blocks), float(1 << (bits - 1)))
+    elif zp_packed.dtype == np.uint8:
+        zp = unpack_canonical(zp_packed.reshape(n, -1), blocks, bits).astype(np.float64)
+    else:
+        zp = zp_packed.astype(np.float64).reshape(n, blocks)
+    weight = (codes.reshape(n, blocks, block) - zp[:, :, None]) * scales[:, :, None]
+    if exported.has_initializer(names["zero_correction"]):
+        correction = exported.initializer(names["zero_correction"]).astype(np.float64)  # [blocks, N]
+        weight = weight + correction.T[:, :, None]
+    return DecodedWeight(weight.reshape(n, k), exact=False)
+
+
+DECODERS: dict[str, Callable[[Exported, str, dict, dict], DecodedWeight]] = {HQQ_OP: _hqq, NBITS_OP: _matmulnbits}
+
+
+def decode_layers(exported: Exported) -> dict[str, DecodedWeight | DecodeError]:
+    """Every manifest layer's implied weight, or the reason it could not be decoded."""
+    nodes = _nodes_by_name(exported.graph)
+    decoded: dict[str, DecodedWeight | DecodeError] = {}
+    for name, entry in exported.layers.items():
+        decoder = DECODERS.get(entry.get("op", HQQ_OP))
+        if decoder is None:
+            decoded[name] = DecodeError(f"op {entry.get('op')!r} has no weight decoder")
+            continue
+        try:
+            decoded[name] = decoder(exported, name, entry, nodes)
+        except DecodeError as error:
+            decoded[name] = error
+    return decoded

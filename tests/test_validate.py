@@ -1,0 +1,239 @@
+"""hqexport validate: passes on a converted model, fails naming the right layer or adapter on corrupted exports,
+exits 2 on bad input.
+
+The conftest's trained LoRA adapter and its 4-bit llama base are converted once (the adapter as a separate
+adapters/chat.onnx_adapter); each corruption works on a copy of that folder. The weight decoder is also checked
+on every hqq format with an fp16 compute dtype, through a small graph of HQQMatMul nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from hqexport.adapters.apply import apply_adapters
+from hqexport.adapters.onnx_adapter import read_adapter_file, write_adapter_file
+from hqexport.adapters.peft_config import load_adapter
+from hqexport.cli import main
+from hqexport.convert import convert
+from hqexport.errors import HQExportError
+from hqexport.formats.dequant import tensor_to_numpy
+from hqexport.ops.torch_op import op_inputs
+from hqexport.read.live import read_live_model
+from hqexport.read.source import read_source
+from hqexport.validate import validate
+from hqexport.validate.exported import open_exported
+from hqexport.validate.metrics import top1_agreement
+from hqexport.validate.reference import load_reference
+from hqexport.validate.weights import decode_layers
+
+FLIPPED = "model.layers.1.self_attn.q_proj"
+SWAPPED = "model.layers.0.mlp.gate_proj"
+ADAPTER = "chat"
+QUICK = dict(prompts=["The old man"], tokens=4, progress=None)
+
+
+@pytest.fixture(scope="module")
+def source(lora_adapter) -> Path:
+    return lora_adapter.parent / "model"
+
+
+@pytest.fixture(scope="module")
+def exported(source, lora_adapter, tmp_path_factory) -> Path:
+    """convert + the adapter in separate mode (convert has no --adapter yet: the adapters package adds it)."""
+    out = tmp_path_factory.mktemp("validate") / "out"
+    convert(source, out, progress=False)
+    base = read_source(source)
+    spec = load_adapter(lora_adapter, ADAPTER, {name: layer.shape for name, layer in base.linears.items()})
+    manifest = json.loads((out / "hqexport.json").read_text())
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    result = apply_adapters(graph, manifest, [spec], "separate", base.linears)
+    onnx.save(result.model, str(out / "model.onnx"))
+    result.write_files(out)
+    manifest["adapters"] = result.manifest
+    (out / "hqexport.json").write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def _copy(exported: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    return out
+
+
+def _layer_initializer(out: Path, layer: str, role: str) -> tuple[onnx.ModelProto, onnx.TensorProto]:
+    name = json.loads((out / "hqexport.json").read_text())["layers"][layer]["initializers"][role]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    return model, next(t for t in model.graph.initializer if t.name == name)
+
+
+def _checks(report) -> dict:
+    return {check.name: check for check in report.checks}
+
+
+def test_validate_passes_on_converted_model(exported, tmp_path):
+    report_file = tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["validate", str(exported), "--adapter", "all", "--json", str(report_file)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_file.read_text())
+    checks = {check["name"]: check for check in report["checks"]}
+    names = ("weights", "per-layer", "logits", "generation", "perplexity", f"adapter:{ADAPTER}")
+    assert {name: check["status"] for name, check in checks.items()} == {name: "PASS" for name in names}
+    assert checks["weights"]["figures"]["exact"] == checks["weights"]["figures"]["layers"] == 14
+    assert checks["per-layer"]["figures"]["located"] == 2
+    assert checks["logits"]["figures"]["top1_agreement"] == 1.0
+    assert checks["generation"]["figures"]["identical"] == 3 and checks["generation"]["figures"]["tokens"] == 16
+    perplexity = checks["perplexity"]
+    assert perplexity["figures"]["relative_difference"] <= perplexity["threshold"]["relative_difference"]
+    # the adapter really changes the model, and the ONNX adapter follows PEFT far closer than that
+    adapter = checks[f"adapter:{ADAPTER}"]["figures"]
+    assert adapter["adapter_effect_relative"] > 100 * adapter["relative"]
+
+
+def test_flipped_weight_byte_fails_naming_the_layer(exported, tmp_path):
+    out = _copy(exported, tmp_path)
+    _, tensor = _layer_initializer(out, FLIPPED, "weight")
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    data_file = out / entries["location"]
+    data = bytearray(data_file.read_bytes())
+    data[int(entries.get("offset", 0))] ^= 0xFF
+    data_file.write_bytes(bytes(data))
+
+    result = CliRunner().invoke(main, ["validate", str(out), "--tokens", "4"])
+    assert result.exit_code == 1, result.output
+    checks = _checks(validate(out, **QUICK))
+    assert checks["weights"].figures["differing_layers"] == [FLIPPED]
+    assert FLIPPED in checks["weights"].message
+    # two changed codes move block 1's output (maybe below the threshold), block 0 stays at float noise
+    blocks = checks["per-layer"].figures["blocks"]
+    assert blocks[1]["relative"] > 10 * blocks[0]["relative"]
+
+
+def test_swapped_scale_and_zero_fail_naming_the_layer(exported, tmp_path):
+    out = _copy(exported, tmp_path)
+    model, scale = _layer_initializer(out, SWAPPED, "scale")
+    names = json.loads((out / "hqexport.json").read_text())["layers"][SWAPPED]["initializers"]
+    zero = next(t for t in model.graph.initializer if t.name == names["zero"])
+    scale.name, zero.name = names["zero"], names["scale"]
+    onnx.save(model, str(out / "model.onnx"))
+
+    report = validate(out, **QUICK)
+    checks = _checks(report)
+    assert not report.passed
+    assert checks["weights"].figures["differing_layers"] == [SWAPPED]
+    assert SWAPPED in checks["weights"].message
+    assert checks["per-layer"].figures["first_divergent_block"] == 0
+    assert checks["logits"].passed is False
+
+
+def test_reference_override_when_source_moved(exported, source, tmp_path):
+    out = _copy(exported, tmp_path)
+    manifest = json.loads((out / "hqexport.json").read_text())
+    manifest["source"]["path"] = str(tmp_path / "gone")
+    (out / "hqexport.json").write_text(json.dumps(manifest))
+    with pytest.raises(HQExportError, match="no longer exists"):
+        validate(out, **QUICK)
+    assert validate(out, reference=source, **QUICK).passed
+
+
+def test_wrong_adapter_scaling_fails_naming_the_adapter(exported, tmp_path):
+    out = _copy(exported, tmp_path)
+    file = out / "adapters" / f"{ADAPTER}.onnx_adapter"
+    params = {name: value.copy() for name, value in read_adapter_file(file).items()}  # copies: the file is mapped
+    name = f"{FLIPPED}.lora_B.weight"
+    params[name] = params[name] * np.asarray(2, params[name].dtype)
+    write_adapter_file(file, params)
+
+    result = CliRunner().invoke(main, ["validate", str(out), "--adapter", ADAPTER, "--tokens", "4"])
+    assert result.exit_code == 1, result.output
+    checks = _checks(validate(out, adapter=ADAPTER, **QUICK))
+    assert [name for name, check in checks.items() if check.passed is False] == [f"adapter:{ADAPTER}"]
+    assert f"adapter {ADAPTER}" in checks[f"adapter:{ADAPTER}"].message
+
+
+def _no_manifest(out: Path) -> list[str]:
+    (out / "hqexport.json").unlink()
+    return [str(out)]
+
+
+def _escaping_external_data(out: Path) -> list[str]:
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    next(e for e in tensor.external_data if e.key == "location").value = "../../etc/passwd"
+    onnx.save(model, str(out / "model.onnx"))
+    return [str(out)]
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda out: [str(out / "missing")], "exported folder not found"),
+        (_no_manifest, "hqexport.json"),
+        (lambda out: [str(out), "--adapter", "french"], "has no adapter 'french'"),
+        (lambda out: [str(out), "--reference", str(out / "nowhere")], "reference source folder not found"),
+        (lambda out: [str(out), "--prompts", str(out / "none.txt")], "prompts file not found"),
+        (_escaping_external_data, "outside the model folder"),
+    ],
+    ids=["missing-folder", "no-manifest", "unknown-adapter", "bad-reference", "missing-prompts", "escaping-data"],
+)
+def test_bad_input_exits_2(exported, tmp_path, make_args, message):
+    out = _copy(exported, tmp_path)
+    result = CliRunner().invoke(main, ["validate", *make_args(out)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+@pytest.mark.parametrize("form", ["pickle", "sharded"])
+def test_reference_matches_live_hqq_model(hqq_model, hqq_source, form):
+    """The rebuilt reference is the live hqq model: same dequantized weights and (fp32 layers) same logits."""
+    live = hqq_model("llama", nbits=4, group_size=32, axis=1)
+    reference = load_reference(hqq_source("llama", form, nbits=4, group_size=32, axis=1))
+    for name, layer in reference.hqq_layers.items():
+        assert torch.equal(layer.dequantize(), live.get_submodule(name).dequantize()), name
+    ids = torch.tensor([[1, 7, 42, 99, 3]])
+    with torch.inference_mode():
+        assert torch.equal(reference.model(input_ids=ids).logits, live(input_ids=ids).logits)
+    assert reference.blocks_path == "model.layers" and len(reference.blocks) == 2
+
+
+def test_top1_mismatch_only_excused_at_a_near_tie():
+    ref = np.array([[1.0, 0.99, 0.0], [2.0, 0.0, 0.5]])
+    got = np.array([[0.99, 1.0, 0.0], [0.0, 2.0, 0.5]])
+    result = top1_agreement(ref, got, tie_tolerance=0.05)
+    assert (result.agree, result.total, result.decisive_mismatches) == (0, 2, 1)
+
+
+def test_weight_decoder_is_exact_for_every_format_in_fp16(hqq_model, tmp_path):
+    """HQQMatMul initializers of 4/3/2/8/1/1.58-bit layers, axis 0 and 1, fp16 compute: decoded == hqq's dequantize()."""
+    live = hqq_model("llama", mixed=True, compute_dtype=torch.float16)
+    layers = read_live_model(live).linears
+    nodes, initializers, manifest_layers = [], [], {}
+    for name, layer in layers.items():
+        tensors, attrs = op_inputs(layer, torch.float32)
+        names = {role: f"{name}.{role}" for role in ("weight", "scale", "zero")}
+        initializers += [numpy_helper.from_array(tensor_to_numpy(tensors[role]), names[role]) for role in names]
+        node = f"{name}/HQQMatMul"
+        nodes.append(helper.make_node("HQQMatMul", ["x", *names.values()], [f"{name}.y"], node, domain="hqexport", **attrs))
+        manifest_layers[name] = {"shape": list(layer.shape), "group_size": layer.fmt.group_size, "axis": layer.fmt.axis,
+                                 "op": "hqexport.HQQMatMul", "node": node, "initializers": names}
+    graph = helper.make_graph(nodes, "layers", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(f"{name}.y", onnx.TensorProto.FLOAT, None) for name in layers],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("hqexport", 1)])
+    onnx.save(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    (tmp_path / "hqexport.json").write_text(json.dumps({"layers": manifest_layers, "model": {"dtype": "fp32"}}))
+
+    decoded = decode_layers(open_exported(tmp_path))
+    assert {layer.fmt.nbits for layer in layers.values()} == {4, 3, 2, 8, 1, 1.58}
+    for name in layers:
+        expected = tensor_to_numpy(live.get_submodule(name).dequantize())
+        assert decoded[name].exact and decoded[name].weight.dtype == expected.dtype == np.float16, name
+        assert np.array_equal(decoded[name].weight, expected), name
