@@ -1,0 +1,134 @@
+"""The adapter stage of `convert` for an exported graph: `separate` and `bake` (merge happens before export).
+
+apply_adapters(model, manifest, adapters, mode, base_linears) -> AdapterExport: the graph with LoRA branches,
+the parameters of each adapters/NAME.onnx_adapter (separate), and the manifest's "adapters" section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from hqexport.adapters.graph import Branch, dora_scale_name, insert_lora_branches, lora_a_name, lora_b_name
+from hqexport.adapters.onnx_adapter import SUFFIX, check_adapter_fits, write_adapter_file
+from hqexport.adapters.peft_config import AdapterSpec
+from hqexport.adapters.values import dora_factor, lora_matmul_weights
+from hqexport.errors import HQExportError
+from hqexport.model import QuantizedLinear
+
+MODES = ("separate", "bake", "merge")
+_DTYPES = {"fp32": (np.dtype(np.float32), torch.float32), "fp16": (np.dtype(np.float16), torch.float16)}
+
+
+@dataclass
+class AdapterExport:
+    model: ir.Model | onnx.ModelProto
+    manifest: dict[str, dict[str, Any]]
+    files: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # separate: adapter -> parameters
+
+    def write_files(self, folder: Path) -> dict[str, Path]:
+        """Write adapters/NAME.onnx_adapter under `folder` (the output folder being assembled)."""
+        target = Path(folder) / "adapters"
+        if self.files:
+            target.mkdir(parents=True, exist_ok=True)
+        return {name: write_adapter_file(target / f"{name}{SUFFIX}", params) for name, params in self.files.items()}
+
+
+def adapter_file(name: str) -> str:
+    return f"adapters/{name}{SUFFIX}"
+
+
+def _check_targets(adapters: Sequence[AdapterSpec], layers: Mapping[str, Mapping[str, Any]]) -> None:
+    for spec in adapters:
+        for module, weights in spec.modules.items():
+            layer = layers.get(module)
+            if layer is None:
+                raise HQExportError(f"adapter {spec.name} targets {module}, which the exported model has no layer for")
+            expected = [weights.lora_B.shape[0], weights.lora_A.shape[1]]
+            if list(layer["shape"]) != expected:
+                raise HQExportError(f"adapter {spec.name}: {module} is {list(layer['shape'])} in the model, {expected} in the adapter")
+
+
+def _module_values(
+    spec: AdapterSpec, module: str, dora: bool, dtype: np.dtype, act_dtype: torch.dtype, base: Mapping[str, QuantizedLinear] | None
+) -> dict[str, np.ndarray]:
+    weights = spec.modules[module]
+    a_t, b_t = lora_matmul_weights(weights, dtype)
+    values = {lora_a_name(module): a_t, lora_b_name(module): b_t}
+    if dora:
+        if weights.magnitude is None:
+            values[dora_scale_name(module)] = np.ones(weights.lora_B.shape[0], dtype)
+        else:
+            if base is None or module not in base:
+                raise ValueError(f"DoRA needs the base layer {module} (pass base_linears)")
+            values[dora_scale_name(module)] = dora_factor(base[module], weights, act_dtype).astype(dtype)
+    return values
+
+
+def apply_adapters(
+    model: ir.Model | onnx.ModelProto,
+    manifest: Mapping[str, Any],
+    adapters: Sequence[AdapterSpec],
+    mode: str,
+    base_linears: Mapping[str, QuantizedLinear] | None = None,
+    *,
+    fill_untouched: bool = True,
+) -> AdapterExport:
+    """Add LoRA branches to `model` for `separate` or `bake` (an ir.Model is changed in place, a ModelProto copied).
+
+    manifest: the export's manifest dict ("layers" with node names and shapes, "model" with "dtype").
+    base_linears: the source's HQQ layers, needed only for DoRA (its factor uses the dequantized weight).
+    fill_untouched: in separate mode each adapter file also holds rank-0 factors for the branches it does not
+    use, so activating it alone always means exactly that adapter (at the price of never combining adapters).
+    """
+    if mode not in ("separate", "bake"):
+        raise HQExportError(f"--adapters {mode}: apply_adapters handles separate and bake (merge comes before export)")
+    if not adapters:
+        return AdapterExport(model=model, manifest={})
+    if mode == "bake" and len(adapters) != 1:
+        raise HQExportError(f"--adapters bake builds one model per adapter; got {len(adapters)} adapters")
+    layers = manifest["layers"]
+    dtype, act_dtype = _DTYPES[manifest["model"]["dtype"]]
+    _check_targets(adapters, layers)
+
+    dora_modules = {m for spec in adapters if spec.use_dora for m in spec.modules}
+    modules = sorted({m for spec in adapters for m in spec.modules})
+    branches: dict[str, Branch] = {}
+    for module in modules:
+        n, k = layers[module]["shape"]
+        branch = Branch(module, in_features=k, out_features=n, dora=module in dora_modules)
+        if mode == "bake":
+            values = _module_values(adapters[0], module, branch.dora, dtype, act_dtype, base_linears)
+            branch = Branch(
+                module, k, n, branch.dora,
+                lora_a_t=values[lora_a_name(module)],
+                lora_b_t=values[lora_b_name(module)],
+                dora_scale=values.get(dora_scale_name(module)),
+            )
+        branches[module] = branch
+    model = insert_lora_branches(model, layers, branches, dtype=dtype, overridable=mode == "separate")
+
+    result = AdapterExport(model=model, manifest={})
+    for spec in adapters:
+        entry = {**spec.summary(), "mode": mode}
+        if mode == "separate":
+            params: dict[str, np.ndarray] = {}
+            for module, branch in branches.items():
+                if module in spec.modules:
+                    params.update(_module_values(spec, module, branch.dora, dtype, act_dtype, base_linears))
+                elif fill_untouched:
+                    params[lora_a_name(module)] = np.zeros((branch.in_features, 0), dtype)
+                    params[lora_b_name(module)] = np.zeros((0, branch.out_features), dtype)
+            check_adapter_fits(model, params, adapter_file(spec.name))
+            result.files[spec.name] = params
+            entry["file"] = adapter_file(spec.name)
+            entry["parameters"] = sorted(params)
+        result.manifest[spec.name] = entry
+    return result

@@ -1,0 +1,116 @@
+"""A real exported tiny llama with LoRA branches in onnxruntime vs PEFT wrapping the real hqq model.
+
+separate: two adapters (plain LoRA on q/v at rank 4, DoRA on o/up at rank 2) hot-swapped in one session, no
+adapter == base; bake: the DoRA adapter as constants. Prefill + one cached decode step each.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from hqexport.adapters.apply import apply_adapters
+from hqexport.adapters.peft_config import load_adapters
+from hqexport.adapters.runtime import ExportedAdapters
+from hqexport.export.decoder import DecoderWithCache, decoder_io
+from hqexport.export.onnx_export import export_decoder
+from hqexport.export.rebuild import rebuild_model
+from hqexport.read.live import read_live_model
+from hqexport.write.onnx_file import write_onnx
+
+CONFIGS = {
+    "chat": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "style": dict(r=2, lora_alpha=4, use_dora=True, use_rslora=True, target_modules=["o_proj", "up_proj"]),
+}
+IDS = np.array([[1, 5, 9, 20, 3, 7]], dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def setup(hqq_model, tmp_path_factory):
+    base = hqq_model("llama", nbits=4, group_size=32, axis=1)
+    root = tmp_path_factory.mktemp("adapter-export")
+    torch.manual_seed(3)
+    for name, config in CONFIGS.items():
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **config))
+        with torch.no_grad():
+            for key, param in peft_model.named_parameters():
+                if "lora_B" in key:
+                    param.mul_(0.3)
+                if "lora_magnitude_vector" in key:
+                    param.mul_(1 + 0.2 * torch.rand_like(param))
+        peft_model.save_pretrained(root / name)
+    qmodel = read_live_model(base)
+    specs = load_adapters([f"{n}={root / n}" for n in CONFIGS], {k: v.shape for k, v in qmodel.linears.items()})
+    causal_lm = rebuild_model(qmodel, "fp32")
+    graph = export_decoder(DecoderWithCache(causal_lm, decoder_io(causal_lm.config, torch.float32)))
+    manifest = {
+        "model": {"dtype": "fp32"},
+        "layers": {
+            path: {"node": node.node, "shape": list(qmodel.linears[path].shape), "initializers": node.initializers}
+            for path, node in graph.layers.items()
+        },
+    }
+    proto = ir.to_proto(graph.model)
+    return base, root, qmodel, specs, manifest, proto
+
+
+def _write(export, folder: Path) -> ort.InferenceSession:
+    folder.mkdir()
+    write_onnx(export.model, folder)
+    export.write_files(folder)
+    return ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def _onnx_logits(session: ort.InferenceSession, options=None) -> np.ndarray:
+    """Prefill IDS[:, :-1], then decode IDS[:, -1] with the returned cache; logits of every position."""
+    names = [o.name for o in session.get_outputs()]
+    inputs = {i.name: i for i in session.get_inputs()}
+    past = {n: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for n, i in inputs.items() if n.startswith("past")}
+
+    def step(ids: np.ndarray, start: int, past: dict) -> dict:
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, start + ids.shape[1]), np.int64), **past}
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.arange(start, start + ids.shape[1])[None]
+        return dict(zip(names, session.run(names, feeds, options)))
+
+    first = step(IDS[:, :-1], 0, past)
+    cache = {n.replace("present", "past_key_values"): v for n, v in first.items() if n.startswith("present")}
+    second = step(IDS[:, -1:], IDS.shape[1] - 1, cache)
+    return np.concatenate([first["logits"], second["logits"]], axis=1)
+
+
+def _peft_logits(base, folder: Path | None) -> np.ndarray:
+    model = copy.deepcopy(base) if folder is None else PeftModel.from_pretrained(copy.deepcopy(base), folder)
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(IDS)).logits.numpy()
+
+
+def _assert_close(got: np.ndarray, expected: np.ndarray) -> None:
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_separate_adapters_hot_swap_in_one_session(setup, tmp_path):
+    base, root, qmodel, specs, manifest, proto = setup
+    export = apply_adapters(ir.from_proto(proto), manifest, specs, "separate", qmodel.linears)
+    session = _write(export, tmp_path / "out")
+    adapters = ExportedAdapters(tmp_path / "out")
+    base_logits = _peft_logits(base, None)
+    _assert_close(_onnx_logits(session), base_logits)
+    for name in ("chat", "style", "chat"):
+        expected = _peft_logits(base, root / name)
+        assert np.abs(expected - base_logits).max() > 0.05 * np.abs(base_logits).max()  # the adapter matters
+        _assert_close(_onnx_logits(session, adapters.run_options(name)), expected)
+    _assert_close(_onnx_logits(session), base_logits)  # and off again
+
+
+def test_bake_dora_adapter(setup, tmp_path):
+    base, root, qmodel, specs, manifest, proto = setup
+    export = apply_adapters(ir.from_proto(proto), manifest, [specs[1]], "bake", qmodel.linears)
+    _assert_close(_onnx_logits(_write(export, tmp_path / "out")), _peft_logits(base, root / "style"))
