@@ -55,29 +55,57 @@ def inspect(path: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (created).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (created; must not exist unless --force).")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="[NAME=]PATH",
+    help="A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors); repeatable. "
+    "NAME defaults to the folder name.",
+)
+@click.option(
+    "--adapters",
+    "adapter_mode",
+    type=click.Choice(["separate", "bake", "merge"]),
+    help="separate (default): hot-swappable adapters/NAME.onnx_adapter files; bake: the exact low-rank branch "
+    "inside the graph (one adapter); merge: dequantize + delta + hqq re-quantize (lossy, reports how much survived).",
+)
 @click.option(
     "--ops",
-    type=click.Choice(["auto", "hqq"]),
+    type=click.Choice(["auto", "hqq", "ort"]),
     default="auto",
     show_default=True,
-    help="Op per quantized linear; for now both write hqexport.HQQMatMul everywhere.",
+    help="auto: onnxruntime's MatMulNBits where it expresses a layer exactly, hqexport.HQQMatMul elsewhere; "
+    "hqq: hqexport.HQQMatMul everywhere; ort: MatMulNBits everywhere (error if a layer cannot be).",
 )
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="dtype of the fp parts.")
-@click.option("--opset", type=int, help="ONNX opset (default 20).")
-@click.option("--force", is_flag=True, help="Replace OUT if it holds an earlier export.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="dtype of activations and fp weights.")
+@click.option("--opset", type=int, help="ONNX opset (default 20; 18-23).")
+@click.option("--force", is_flag=True, help="Replace OUT if it holds an earlier hqexport output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def convert(source: Path, out: Path, ops: str, dtype: str, opset: int | None, force: bool, as_json: bool) -> None:
-    """Export an HQQ model folder to ONNX (model.onnx + data, tokenizer, genai_config.json, hqexport.json)."""
+def convert(
+    source: Path, out: Path, adapters: tuple[str, ...], adapter_mode: str | None, ops: str, dtype: str,
+    opset: int | None, force: bool, as_json: bool,
+) -> None:
+    """Export an HQQ model folder (and its LoRA adapters) to an ONNX folder.
+
+    Writes model.onnx + model.onnx.data, adapters/NAME.onnx_adapter, the tokenizer files, genai_config.json
+    and hqexport.json (the manifest: versions, checksums, the op chosen per layer, adapters).
+    """
     from hqexport.convert import convert as run_convert
 
-    summary = run_convert(source, out, dtype=dtype, opset=opset, force=force, progress=not as_json)
+    summary = run_convert(
+        source, out, dtype=dtype, opset=opset, ops=ops, adapters=adapters, adapter_mode=adapter_mode,
+        force=force, progress=not as_json,
+    )
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
     else:
+        op_counts = ", ".join(f"{count} {op}" for op, count in summary.ops.items())
+        adapters_note = f", adapters: {', '.join(summary.adapters)}" if summary.adapters else ""
         click.echo(
-            f"Wrote {summary.out}: {summary.architecture}, {summary.quantized_layers} quantized layers, "
-            f"{summary.onnx_bytes / 1e6:.2f} MB in {summary.seconds:.1f} s"
+            f"Wrote {summary.out}: {summary.architecture}, {summary.quantized_layers} quantized layers ({op_counts})"
+            f"{adapters_note}, {summary.onnx_bytes / 1e6:.2f} MB in {summary.seconds:.1f} s"
         )
 
 

@@ -1,8 +1,9 @@
 """`convert`: an HQQ source folder (or an already-read QuantizedModel) -> an ONNX output folder.
 
-read -> rebuild (transformers model, HQQ linears as hqexport op modules) -> export (torch.onnx dynamo) ->
-write (model.onnx + data, tokenizer files, genai_config.json, hqexport.json) into a staging folder that
-becomes OUT only when complete.
+read -> adapters (merge re-quantizes before export) -> rebuild (transformers model, HQQ linears as hqexport
+op modules) -> export (torch.onnx dynamo) -> adapters (separate / bake add LoRA branches to the graph) ->
+lower (--ops: MatMulNBits where exact) -> write (model.onnx + data, adapters/*.onnx_adapter, tokenizer
+files, genai_config.json, hqexport.json) into a staging folder that becomes OUT only when complete.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,12 +20,15 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from hqexport.adapters import MODES, AdapterSpec, apply_adapters, load_adapters, merge_adapter
 from hqexport.errors import HQExportError
 from hqexport.export.decoder import DecoderWithCache, decoder_io
-from hqexport.export.onnx_export import DEFAULT_OPSET, check_opset, export_decoder
+from hqexport.export.onnx_export import DEFAULT_OPSET, ExportedGraph, check_opset, export_decoder
 from hqexport.export.quant_linear import HQQMatMulLinear
 from hqexport.export.rebuild import DTYPES, rebuild_model
+from hqexport.lower import LowerToMatMulNBits
 from hqexport.model import QuantizedModel
+from hqexport.ops.schema import DOMAIN, OP_TYPE
 from hqexport.read.folder import sha256
 from hqexport.read.source import read_source
 from hqexport.write.folder import MANIFEST_FILE, staged_output
@@ -33,6 +37,10 @@ from hqexport.write.manifest import build_manifest
 from hqexport.write.onnx_file import write_onnx
 
 GENAI_CONFIG_FILE = "genai_config.json"
+OPS = ("auto", "hqq", "ort")
+#: below this share of the adapter's delta surviving re-quantization, merge warns that the fine-tune is lost
+LOW_RETENTION = 0.5
+HQQ_OP = f"{DOMAIN}.{OP_TYPE}"
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class ConvertSummary:
     quantized_layers: int
     dtype: str
     opset: int
+    ops: dict[str, int]  # op -> number of quantized layers computed by it
+    adapters: dict[str, dict[str, Any]]  # the manifest's adapters section
     onnx_bytes: int  # model.onnx + model.onnx.data
     packed_bytes: int  # packed codes + scale + zero + bias of the quantized layers, as exported
     fp_bytes: int  # the other parameters (embeddings, norms, fp lm_head), each stored once
@@ -58,14 +68,29 @@ def convert(
     *,
     dtype: str = "fp32",
     opset: int | None = None,
+    ops: str = "auto",
+    adapters: Sequence[str] = (),
+    adapter_mode: str | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> ConvertSummary:
-    """Export `source` to the folder `out`; see the module docstring. User mistakes raise HQExportError."""
+    """Export `source` to the folder `out`; see the module docstring. User mistakes raise HQExportError.
+
+    adapters: `[NAME=]PATH` arguments (PEFT adapter folders); adapter_mode: separate (default with adapters),
+    bake or merge. ops: auto (MatMulNBits where it is exact, hqexport op elsewhere), hqq (hqexport op
+    everywhere) or ort (MatMulNBits everywhere, an error for a layer it cannot express).
+    """
     started = time.perf_counter()
     out = Path(out)
     if dtype not in DTYPES:
         raise HQExportError(f"dtype {dtype!r} is not supported; choose {', '.join(DTYPES)}")
+    if ops not in OPS:
+        raise HQExportError(f"--ops {ops!r} is not supported; choose {', '.join(OPS)}")
+    if adapter_mode is not None and adapter_mode not in MODES:
+        raise HQExportError(f"--adapters {adapter_mode!r} is not supported; choose {', '.join(MODES)}")
+    if adapter_mode is not None and not adapters:
+        raise HQExportError(f"--adapters {adapter_mode} needs at least one --adapter")
+    mode = adapter_mode or "separate"
     opset = DEFAULT_OPSET if opset is None else opset
     check_opset(opset)
     source_path = source.provenance.path if isinstance(source, QuantizedModel) else Path(source)
@@ -77,20 +102,40 @@ def convert(
         else:
             with steps(f"Reading {source}"):
                 qmodel = read_source(Path(source))
+        specs = _load_adapters(qmodel, adapters) if adapters else []
+        adapter_manifest: dict[str, dict[str, Any]] = {}
+        if mode == "merge" and specs:
+            qmodel, adapter_manifest = _merge(qmodel, specs, steps)
         with steps("Rebuilding the model with hqexport ops"):
             causal_lm = rebuild_model(qmodel, dtype)
             io = decoder_io(causal_lm.config, DTYPES[dtype])
         with steps(f"Exporting to ONNX (torch.onnx dynamo, opset {opset})"):
             graph = export_decoder(DecoderWithCache(causal_lm, io), opset)
+        layer_ops = {path: {"op": HQQ_OP, "node": node.node, "initializers": dict(node.initializers)} for path, node in graph.layers.items()}
+        adapter_files = None
+        if mode != "merge" and specs:
+            with steps(f"Adding {len(specs)} adapter(s) ({mode})"):
+                layers_view = {
+                    path: {"node": node.node, "shape": list(qmodel.linears[path].shape), "initializers": node.initializers}
+                    for path, node in graph.layers.items()
+                }
+                adapter_files = apply_adapters(graph.model, {"model": {"dtype": dtype}, "layers": layers_view}, specs, mode, qmodel.linears)
+                adapter_manifest = adapter_files.manifest
+        if ops != "hqq":
+            with steps(f"Lowering to MatMulNBits where exact (--ops {ops})"):
+                _lower(graph, layer_ops, ops)
         with steps("Writing model.onnx, model.onnx.data and checking them"):
             write_onnx(graph.model, staging)
+            if adapter_files is not None:
+                adapter_files.write_files(staging)
         for path in qmodel.tokenizer_files:
             shutil.copy2(path, staging / path.name)
         (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(causal_lm.config, io), indent=2))
-        outputs = {p.name: sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        outputs = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         architecture = type(causal_lm).__name__
         manifest = build_manifest(
-            qmodel, io, graph.layers, architecture=architecture, dtype=dtype, opset=opset, outputs=outputs
+            qmodel, io, layer_ops, architecture=architecture, dtype=dtype, opset=opset, outputs=outputs,
+            adapters=adapter_manifest,
         )
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         onnx_bytes = sum((staging / name).stat().st_size for name in outputs if name.startswith("model.onnx"))
@@ -103,11 +148,63 @@ def convert(
         quantized_layers=len(qmodel.linears),
         dtype=dtype,
         opset=opset,
+        ops=_count_ops(layer_ops),
+        adapters=adapter_manifest,
         onnx_bytes=onnx_bytes,
         packed_bytes=packed,
         fp_bytes=fp,
         seconds=round(time.perf_counter() - started, 2),
     )
+
+
+def _load_adapters(qmodel: QuantizedModel, arguments: Sequence[str]) -> list[AdapterSpec]:
+    """Parse and bind the --adapter arguments to the source's layers (shapes, targets, base model)."""
+    embeddings = [key.rsplit(".", 1)[0] for key in qmodel.tensors if "embed" in key]
+    return load_adapters(
+        arguments,
+        {path: layer.shape for path, layer in qmodel.linears.items()},
+        other_modules=[*qmodel.skipped_modules, *embeddings],
+        source_config=qmodel.config,
+    )
+
+
+def _merge(qmodel: QuantizedModel, specs: list[AdapterSpec], steps: _Steps) -> tuple[QuantizedModel, dict[str, dict[str, Any]]]:
+    """Merge the one adapter into the base by hqq re-quantization; warn when little of it survives."""
+    if len(specs) != 1:
+        raise HQExportError(f"--adapters merge builds one model per adapter; got {len(specs)} adapters")
+    spec = specs[0]
+    with steps(f"Merging adapter {spec.name} (dequantize + delta + hqq re-quantize)"):
+        merged, entry = merge_adapter(qmodel, spec)
+    if steps.console is not None:
+        retained = entry["retained"]
+        style = "bold red" if retained < LOW_RETENTION else "green"
+        steps.console.print(
+            f"[{style}]Adapter {spec.name}: {retained:.1%} of its weight delta survived re-quantization[/{style}]"
+            + (" — merging erased most of the fine-tune; prefer --adapters separate or bake" if retained < LOW_RETENTION else "")
+        )
+    return merged, {spec.name: entry}
+
+
+def _lower(graph: ExportedGraph, layer_ops: dict[str, dict[str, Any]], ops: str) -> None:
+    """Run the MatMulNBits lowering and record, per layer, which op now computes it."""
+    lowering = LowerToMatMulNBits(ops)
+    lowering(graph.model)
+    for entry in layer_ops.values():
+        decision = lowering.decisions[entry["node"]]
+        if decision.op == HQQ_OP:
+            entry["lowering"] = {"kept": decision.reason}
+        else:
+            entry.update(op=decision.op, node=decision.node, initializers=decision.initializers)
+            entry["lowering"] = {
+                key: value for key, value in decision.to_json().items() if key not in ("op", "node", "initializers")
+            }
+
+
+def _count_ops(layer_ops: dict[str, dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in layer_ops.values():
+        counts[entry["op"]] = counts.get(entry["op"], 0) + 1
+    return counts
 
 
 def _exported_bytes(causal_lm: torch.nn.Module) -> tuple[int, int]:

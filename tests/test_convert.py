@@ -38,20 +38,21 @@ class Case:
     form: str
     quant: dict
     dtype: str = "fp32"
+    ops: str = "hqq"  # "auto" lowers what MatMulNBits expresses exactly (the CLI case uses the CLI default, auto)
 
 
 CASES = {
     # one format per linear (4, 3, 2 axis 0, 8, 1, 1.58 bits; down_proj fp), tied embeddings, wide enough to measure
     # the file size against the weights
     "llama-tied-mixed-wide": Case(
-        "llama", "safetensors", dict(mixed=True, tie_word_embeddings=True, hidden_size=256, intermediate_size=512)
+        "llama", "safetensors", dict(mixed=True, tie_word_embeddings=True, hidden_size=256, intermediate_size=512), ops="auto"
     ),
     "qwen2-3bit": Case("qwen2", "pickle", FORMATS["3bit"]),
     "qwen3-2bit-axis0": Case("qwen3", "sharded", FORMATS["2bit-axis0"]),
     "mistral-8bit": Case("mistral", "safetensors", FORMATS["8bit"]),
-    "phi3-4bit": Case("phi3", "safetensors", FORMATS["4bit"]),
+    "phi3-4bit": Case("phi3", "safetensors", FORMATS["4bit"], ops="auto"),
     "gemma-4bit": Case("gemma", "pickle", FORMATS["4bit"]),
-    "mistral-4bit-fp16-cli": Case("mistral", "pickle", FORMATS["4bit"], dtype="fp16"),
+    "mistral-4bit-fp16-cli": Case("mistral", "pickle", FORMATS["4bit"], dtype="fp16", ops="auto"),
 }
 
 
@@ -81,7 +82,7 @@ def exported(request, hqq_model, hqq_source, tmp_path_factory) -> Exported:
     before = folder_digest(source)
     out = tmp_path_factory.mktemp(request.param) / "onnx"
     if case.dtype == "fp32":
-        summary = convert(source, out, progress=False).to_dict()
+        summary = convert(source, out, ops=case.ops, progress=False).to_dict()
     else:  # through the CLI, replacing an earlier output with --force
         out.mkdir()
         (out / "hqexport.json").write_text("{}")
@@ -205,6 +206,9 @@ def test_manifest_names_the_packed_weights_of_each_layer(exported: Exported):
     for path, entry in manifest["layers"].items():
         layer = hqq_layers[path]
         node = nodes[entry["node"]]
+        if entry["op"] == "com.microsoft.MatMulNBits":
+            _check_lowered_weight(node, entry, initializers, layer)
+            continue
         assert (node.domain, node.op_type) == ("hqexport", "HQQMatMul")
         names = entry["initializers"]
         assert list(node.input[1:4]) == [names["weight"], names["scale"], names["zero"]]
@@ -216,6 +220,37 @@ def test_manifest_names_the_packed_weights_of_each_layer(exported: Exported):
         groups = scale.numel()
         grouped = codes.reshape((groups, -1) if entry["axis"] == 1 else (-1, groups))
         assert torch.equal(((grouped - zero) * scale).reshape(n, k), layer.dequantize()), path
+
+
+def _check_lowered_weight(node: onnx.NodeProto, entry: dict, initializers: dict, layer: HQQLinear) -> None:
+    """A MatMulNBits layer's weight, (q - zp) * s + correction in float64, is hqq's up to the rounding of the
+    activation dtype its scales and correction are stored in."""
+    assert (node.domain, node.op_type) == ("com.microsoft", "MatMulNBits")
+    names = entry["initializers"]
+    assert list(node.input[1:4]) == [names["B"], names["scales"], names["zero_points"]]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    n, k, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
+    blocks = k // block
+    codes = unpack_canonical(initializers[names["B"]].reshape(n, -1), k, bits).astype(np.float64)
+    zero_points = unpack_canonical(initializers[names["zero_points"]].reshape(n, -1), blocks, bits).astype(np.float64)
+    weight = (codes.reshape(n, blocks, block) - zero_points[:, :, None]) * initializers[names["scales"]].astype(np.float64).reshape(n, blocks, 1)
+    if "zero_correction" in names:
+        weight += initializers[names["zero_correction"]].astype(np.float64).T[:, :, None]
+    expected = layer.dequantize().double().numpy()
+    rounding = max(1e-6, 4 * float(np.finfo(initializers[names["scales"]].dtype).eps))
+    assert np.abs(weight.reshape(n, k) - expected).max() <= rounding * np.abs(expected).max()
+
+
+def test_lowering_choices_follow_the_formats(exported: Exported):
+    manifest = json.loads((exported.out / "hqexport.json").read_text())
+    ops = {entry["op"] for entry in manifest["layers"].values()}
+    if exported.case.ops == "hqq":
+        assert ops == {"hqexport.HQQMatMul"}
+        return
+    for entry in manifest["layers"].values():
+        expressible = entry["axis"] == 1 and entry["group_size"] in (16, 32, 64, 128) and entry["nbits"] not in (5, 6)
+        assert (entry["op"] == "com.microsoft.MatMulNBits") == expressible, entry
+        assert ("kept" in entry["lowering"]) != expressible
 
 
 def test_output_folder_contents_and_source_untouched(exported: Exported):

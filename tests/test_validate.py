@@ -19,16 +19,13 @@ import torch
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
-from hqexport.adapters.apply import apply_adapters
 from hqexport.adapters.onnx_adapter import read_adapter_file, write_adapter_file
-from hqexport.adapters.peft_config import load_adapter
 from hqexport.cli import main
 from hqexport.convert import convert
 from hqexport.errors import HQExportError
 from hqexport.formats.dequant import tensor_to_numpy
 from hqexport.ops.torch_op import op_inputs
 from hqexport.read.live import read_live_model
-from hqexport.read.source import read_source
 from hqexport.validate import validate
 from hqexport.validate.exported import open_exported
 from hqexport.validate.metrics import top1_agreement
@@ -48,18 +45,9 @@ def source(lora_adapter) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(source, lora_adapter, tmp_path_factory) -> Path:
-    """convert + the adapter in separate mode (convert has no --adapter yet: the adapters package adds it)."""
+    """convert with --ops hqq (every layer an exact hqexport op) and the adapter in separate mode."""
     out = tmp_path_factory.mktemp("validate") / "out"
-    convert(source, out, progress=False)
-    base = read_source(source)
-    spec = load_adapter(lora_adapter, ADAPTER, {name: layer.shape for name, layer in base.linears.items()})
-    manifest = json.loads((out / "hqexport.json").read_text())
-    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    result = apply_adapters(graph, manifest, [spec], "separate", base.linears)
-    onnx.save(result.model, str(out / "model.onnx"))
-    result.write_files(out)
-    manifest["adapters"] = result.manifest
-    (out / "hqexport.json").write_text(json.dumps(manifest, indent=2))
+    convert(source, out, ops="hqq", adapters=[f"{ADAPTER}={lora_adapter}"], progress=False)
     return out
 
 
@@ -96,6 +84,22 @@ def test_validate_passes_on_converted_model(exported, tmp_path):
     # the adapter really changes the model, and the ONNX adapter follows PEFT far closer than that
     adapter = checks[f"adapter:{ADAPTER}"]["figures"]
     assert adapter["adapter_effect_relative"] > 100 * adapter["relative"]
+
+
+def test_validate_passes_on_the_default_cli_export(source, lora_adapter, tmp_path):
+    """The CLI's defaults: --ops auto (MatMulNBits with zero correction here) and a separate adapter."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(out), "--adapter", f"{ADAPTER}={lora_adapter}"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "hqexport.json").read_text())
+    assert {entry["op"] for entry in manifest["layers"].values()} == {"com.microsoft.MatMulNBits"}
+    assert (out / manifest["adapters"][ADAPTER]["file"]).is_file()
+    report_file = tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["validate", str(out), "--adapter", "all", "--tokens", "8", "--json", str(report_file)])
+    assert result.exit_code == 0, result.output
+    checks = {check["name"]: check for check in json.loads(report_file.read_text())["checks"]}
+    assert checks["weights"]["figures"]["layers"] == 14 and checks["weights"]["figures"]["exact"] == 0
+    assert checks[f"adapter:{ADAPTER}"]["status"] == "PASS"
 
 
 def test_flipped_weight_byte_fails_naming_the_layer(exported, tmp_path):
@@ -237,3 +241,18 @@ def test_weight_decoder_is_exact_for_every_format_in_fp16(hqq_model, tmp_path):
         expected = tensor_to_numpy(live.get_submodule(name).dequantize())
         assert decoded[name].exact and decoded[name].weight.dtype == expected.dtype == np.float16, name
         assert np.array_equal(decoded[name].weight, expected), name
+
+
+def test_merged_adapter_reports_what_survived_and_validates(source, lora_adapter, tmp_path):
+    """--adapters merge: convert reports on screen and in the manifest how much of the adapter's delta survived
+    re-quantization, and the merged export matches PEFT's own merge_and_unload()."""
+    out = tmp_path / "merged"
+    args = ["convert", str(source), "-o", str(out), "--adapter", f"{ADAPTER}={lora_adapter}", "--adapters", "merge"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    entry = json.loads((out / "hqexport.json").read_text())["adapters"][ADAPTER]
+    assert entry["mode"] == "merge" and 0.0 < entry["retained"] <= 1.05
+    assert f"{entry['retained']:.1%} of its weight delta survived re-quantization" in result.stderr
+    assert not (out / "adapters").exists()
+    report = validate(out, adapter="all", **QUICK)
+    assert report.passed, [(c.name, c.message) for c in report.checks if not c.passed]

@@ -30,6 +30,8 @@ class LayerDecision:
 
     op: str  # "com.microsoft.MatMulNBits" or "hqexport.HQQMatMul"
     reason: str | None = None  # why the layer stayed an hqexport op
+    node: str | None = None  # the MatMulNBits node now computing the layer
+    initializers: dict[str, str] | None = None  # its inputs: "B", "scales", "zero_points" (+ "zero_correction")
     container_bits: int | None = None
     accuracy_level: int | None = None
     zero_correction: bool | None = None  # False when every zero point was already an integer in range
@@ -108,9 +110,11 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
 
         prefix = node.name or w.name
         new_nodes: list[ir.Node] = []
+        names: dict[str, str] = {}
 
         def initializer(suffix: str, array: np.ndarray) -> ir.Value:
-            value = ir.Value(name=f"{prefix}.{suffix}", const_value=ir.tensor(array, name=f"{prefix}.{suffix}"))
+            names[suffix] = f"{prefix}.{suffix}"
+            value = ir.Value(name=names[suffix], const_value=ir.tensor(array, name=names[suffix]))
             graph.register_initializer(value)
             return value
 
@@ -142,6 +146,8 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
                 del graph.initializers[value.name]
         return LayerDecision(
             op="com.microsoft.MatMulNBits",
+            node=new_nodes[0].name,
+            initializers={key: names[key] for key in ("B", "scales", "zero_points", "zero_correction") if key in names},
             container_bits=container,
             accuracy_level=self.accuracy_level,
             zero_correction=needs_correction,

@@ -8,9 +8,7 @@ from typing import Any
 
 from hqexport import __version__
 from hqexport.export.decoder import DecoderIO
-from hqexport.export.onnx_export import LayerNode
 from hqexport.model import QuantizedModel
-from hqexport.ops.schema import DOMAIN, OP_TYPE
 
 FORMAT_VERSION = 1
 _LIBRARIES = ("torch", "hqq", "transformers", "onnx", "onnxruntime")
@@ -33,27 +31,29 @@ def _dtype_name(dtype: Any) -> str:
 def build_manifest(
     qmodel: QuantizedModel,
     io: DecoderIO,
-    layer_nodes: dict[str, LayerNode],
+    layer_ops: dict[str, dict[str, Any]],
     *,
     architecture: str,
     dtype: str,
     opset: int,
     outputs: dict[str, str],
+    adapters: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """The manifest dict; `outputs` maps each written file (relative name) to its sha256."""
+    """The manifest dict.
+
+    layer_ops: per layer path, the op computing it ("op", "node", "initializers", optional "lowering");
+    outputs: each written file (path relative to the folder) -> sha256; adapters: the adapters section.
+    """
     source = qmodel.provenance
     layers = {}
     for path, layer in qmodel.linears.items():
-        node = layer_nodes[path]
         layers[path] = {
             "nbits": layer.fmt.nbits,
             "group_size": layer.fmt.group_size,
             "axis": layer.fmt.axis,
             "shape": [layer.out_features, layer.in_features],
             "compute_dtype": _dtype_name(layer.compute_dtype),
-            "op": f"{DOMAIN}.{OP_TYPE}",
-            "node": node.node,
-            "initializers": dict(node.initializers),
+            **layer_ops[path],
         }
     return {
         "format_version": FORMAT_VERSION,
@@ -75,6 +75,6 @@ def build_manifest(
             "uses_position_ids": "position_ids" in io.input_names,
         },
         "layers": layers,
-        "adapters": {},
+        "adapters": adapters,
         "outputs": outputs,
     }
