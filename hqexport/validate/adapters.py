@@ -21,7 +21,7 @@ import torch
 from hqq.core.quantize import HQQLinear
 
 from hqexport.errors import HQExportError
-from hqexport.validate.checks import DECODE_STEPS, Context
+from hqexport.validate.checks import DECODE_STEPS, Context, logits_failures
 from hqexport.validate.metrics import difference, top1_agreement
 from hqexport.validate.reference import Reference, use_activation_dtype
 from hqexport.validate.result import CheckResult
@@ -105,13 +105,7 @@ def check_adapter(ctx: Context, name: str) -> CheckResult:
         "adapter_effect_relative": effect.relative,  # how much the adapter moves the reference logits
     }
     threshold = {"relative": limits.logits_relative, "cosine": limits.logits_cosine, "decisive_top1_mismatches": 0}
-    failures = []
-    if not diff.relative <= limits.logits_relative:
-        failures.append(f"relative error {diff.relative:.3g} > {limits.logits_relative:g}")
-    if not diff.cosine >= limits.logits_cosine:
-        failures.append(f"cosine {diff.cosine:.6f} < {limits.logits_cosine}")
-    if top1.decisive_mismatches:
-        failures.append(f"{top1.decisive_mismatches} top-1 mismatches outside near-ties")
+    failures = logits_failures(diff, top1, limits)
     message = f"adapter {name}: " + ("; ".join(failures) if failures else f"relative {diff.relative:.3g}, cosine {diff.cosine:.6f}")
     return CheckResult(check, not failures, figures, threshold, message)
 

@@ -15,7 +15,7 @@ import numpy as np
 from hqexport.formats.dequant import tensor_to_numpy
 from hqexport.validate.blocks import find_block_outputs, find_residual_stream, with_extra_outputs
 from hqexport.validate.exported import Exported
-from hqexport.validate.metrics import difference, negative_log_likelihood, top1_agreement, top2_margin
+from hqexport.validate.metrics import Difference, Top1, difference, negative_log_likelihood, top1_agreement, top2_margin
 from hqexport.validate.onnx_session import OnnxDecoder
 from hqexport.validate.reference import Reference
 from hqexport.validate.result import CheckResult
@@ -196,6 +196,13 @@ def check_logits(ctx: Context) -> CheckResult:
         "decisive_top1_mismatches": top1.decisive_mismatches,
     }
     threshold = {"relative": limits.logits_relative, "cosine": limits.logits_cosine, "decisive_top1_mismatches": 0, "tie_margin": tie}
+    failures = logits_failures(diff, top1, limits)
+    summary = f"relative {diff.relative:.3g}, cosine {diff.cosine:.6f}, top-1 {top1.agree}/{top1.total}"
+    return CheckResult("logits", not failures, figures, threshold, "; ".join(failures) if failures else summary)
+
+
+def logits_failures(diff: Difference, top1: Top1, limits: Thresholds) -> list[str]:
+    """Why two sets of logits disagree beyond the thresholds (empty when they agree)."""
     failures = []
     if not diff.relative <= limits.logits_relative:
         failures.append(f"relative error {diff.relative:.3g} > {limits.logits_relative:g}")
@@ -203,8 +210,7 @@ def check_logits(ctx: Context) -> CheckResult:
         failures.append(f"cosine {diff.cosine:.6f} < {limits.logits_cosine}")
     if top1.decisive_mismatches:
         failures.append(f"{top1.decisive_mismatches} top-1 mismatches outside near-ties")
-    summary = f"relative {diff.relative:.3g}, cosine {diff.cosine:.6f}, top-1 {top1.agree}/{top1.total}"
-    return CheckResult("logits", not failures, figures, threshold, "; ".join(failures) if failures else summary)
+    return failures
 
 
 def _greedy(step: Callable[[np.ndarray, Any], tuple[np.ndarray, Any]], ids: np.ndarray, tokens: int) -> tuple[list[int], list[np.ndarray]]:
