@@ -67,9 +67,9 @@ def run_demo(tokens: int = 16, console: Console | None = None) -> bool:
             source = save_hqq_pickle(model, root / "sample-hqq", tokenizer)
         console.print(f"[green]✓[/green] Saved the sample HQQ model (hqq save_quantized) in {source}")
         summary = convert(source, root / "sample-onnx", progress=True)
+        ops = ", ".join(f"{count} as {op}" for op, count in summary.ops.items())
         console.print(
-            f"[green]✓[/green] Converted: {summary.quantized_layers} HQQ layers as hqexport.HQQMatMul, "
-            f"{summary.onnx_bytes / 1e3:.0f} kB"
+            f"[green]✓[/green] Converted {summary.quantized_layers} HQQ layers ({ops}), {summary.onnx_bytes / 1e3:.0f} kB"
         )
         prompt = tokenizer.encode(PROMPT)
         with console.status("Generating with PyTorch (hqq) and onnxruntime"):
