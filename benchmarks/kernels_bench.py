@@ -5,9 +5,10 @@ For one N x K layer (default 4096 x 4096, 4-bit, group 64, axis 1, fp32 compute)
   function      the op's ONNX function body, constant folding off (weights stay packed; the reference path)
   matmulnbits   the MatMulNBits lowering (hqexport.lower), uint8 zero points + group-sum correction
   fp32 MatMul   a plain MatMul with the dequantized fp32 weight (4x-8x the memory)
-Prints a table and writes JSON (--out). Weights are random codes: speed does not depend on the values.
+Prints a table (best of --repeat runs: the least disturbed by other load) and writes JSON (--out) with the best and
+the median and the load average. Weights are random codes: speed does not depend on the values.
 
-    python benchmarks/kernels_bench.py [--n 4096 --k 4096 --bits 4 --group-size 64 --out bench.json]
+    python benchmarks/kernels_bench.py [--n 4096 --k 4096 --bits 4 --group-size 64 --threads 1 --no-function]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -57,9 +59,12 @@ def fp32_model(weight: np.ndarray) -> onnx.ModelProto:
     return model
 
 
-def time_session(model: onnx.ModelProto, a: np.ndarray, repeat: int, library: Path | None = None, **options) -> float:
-    """Median milliseconds per run."""
+def time_session(
+    model: onnx.ModelProto, a: np.ndarray, repeat: int, threads: int, library: Path | None = None, **options
+) -> dict[str, float]:
+    """Best and median milliseconds per run."""
     so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
     if library is not None:
         so.register_custom_ops_library(str(library))
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"], **options)
@@ -70,7 +75,7 @@ def time_session(model: onnx.ModelProto, a: np.ndarray, repeat: int, library: Pa
         start = time.perf_counter()
         sess.run(None, {"A": a})
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return {"min": min(times), "median": statistics.median(times)}
 
 
 def main() -> None:
@@ -81,6 +86,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 128])
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
+    parser.add_argument("--no-function", action="store_true", help="skip the (slow) function-body path")
     parser.add_argument("--out", type=Path, default=Path("kernels_bench.json"))
     args = parser.parse_args()
 
@@ -105,15 +112,14 @@ def main() -> None:
     rows = []
     for m in args.rows:
         a = rng.standard_normal((m, k)).astype(np.float32)
-        row = {
-            "M": m,
-            "kernel_ms": time_session(model, a, args.repeat, library),
-            "function_ms": time_session(
-                with_function, a, max(3, args.repeat // 4), disabled_optimizers=["ConstantFolding"]
-            ),
-            "matmulnbits_ms": time_session(lowered, a, args.repeat),
-            "fp32_matmul_ms": time_session(fp32_model(weight), a, args.repeat),
-        }
+        t = args.threads
+        row = {"M": m, "kernel_ms": time_session(model, a, args.repeat, t, library)}
+        if not args.no_function:
+            function_repeat = max(3, args.repeat // 4)
+            no_folding = {"disabled_optimizers": ["ConstantFolding"]}
+            row["function_ms"] = time_session(with_function, a, function_repeat, t, **no_folding)
+        row["matmulnbits_ms"] = time_session(lowered, a, args.repeat, t)
+        row["fp32_matmul_ms"] = time_session(fp32_model(weight), a, args.repeat, t)
         rows.append(row)
     isa = ctypes.CDLL(str(library)).hqexport_cpu_isa
     isa.restype = ctypes.c_char_p
@@ -121,18 +127,25 @@ def main() -> None:
         "layer": {"N": n, "K": k, "bits": bits, "group_size": g, "axis": 1, "compute_dtype": "fp32"},
         "onnxruntime": ort.__version__,
         "cpu_isa": isa().decode(),
-        "threads": ort.SessionOptions().intra_op_num_threads or "default",
+        "threads": args.threads or "default",
+        "load_average": os.getloadavg(),
+        "cpus": os.cpu_count(),
         "matmulnbits": lowering.decisions["layer"].to_json(),
         "rows": rows,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{n}x{k} {bits}-bit g{g} axis 1, onnxruntime {ort.__version__}, kernel ISA {result['cpu_isa']} (ms, median)")
-    print(f"{'M':>5} {'kernel':>10} {'function':>10} {'MatMulNBits':>12} {'fp32 MatMul':>12}")
+    print(
+        f"{n}x{k} {bits}-bit g{g} axis 1, onnxruntime {ort.__version__}, kernel ISA {result['cpu_isa']}, "
+        f"threads {result['threads']}, load average {result['load_average'][0]:.2f} on {result['cpus']} CPUs "
+        f"(ms, best of {args.repeat})"
+    )
+    titles = {
+        "kernel_ms": "kernel", "function_ms": "function", "matmulnbits_ms": "MatMulNBits", "fp32_matmul_ms": "fp32 MatMul"
+    }
+    columns = [(key, title) for key, title in titles.items() if key in rows[0]]
+    print(f"{'M':>5} " + " ".join(f"{title:>12}" for _, title in columns))
     for row in rows:
-        print(
-            f"{row['M']:>5} {row['kernel_ms']:>10.2f} {row['function_ms']:>10.2f} "
-            f"{row['matmulnbits_ms']:>12.2f} {row['fp32_matmul_ms']:>12.2f}"
-        )
+        print(f"{row['M']:>5} " + " ".join(f"{row[key]['min']:>12.2f}" for key, _ in columns))
     print(f"wrote {args.out}")
 
 

@@ -168,6 +168,35 @@ def test_dequantized_weight_is_bit_identical(library: Path, nbits: float, axis: 
         np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
 
 
+#: (nbits, group size) of layers [22, 1280] axis 1 that take the factorized M < 4 path (fp32, groups of whole
+#: 8-word blocks: 64 codes at 1 bit, 32 at 2, 80 at 3, 16 at 4, 8 at 8); N = 22 leaves a 2-row remainder
+FACTORIZED = [(nbits, 320) for nbits in NBITS] + [(4, 16), (4, 64), (2, 32), (1, 64), (8, 8)]
+
+
+@pytest.mark.parametrize(("nbits", "group_size"), FACTORIZED)
+def test_factorized_gemv_matches_hqq(library: Path, nbits: float, group_size: int) -> None:
+    torch.manual_seed(zlib.crc32(repr((nbits, group_size)).encode()))
+    linear = torch.nn.Linear(1280, 22, bias=True)
+    config = BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=1)
+    layer = HQQLinear(linear, config, compute_dtype=torch.float32, device="cpu")
+    tensors, attrs = op_tensors(layer)
+    weight = reference_weight(layer).numpy()
+    bias = layer.bias.detach().numpy()
+    sess = session(single_node_model(tensors, attrs, np.dtype(np.float32), bias), library)
+    # tighter than assert_close: s * sum(A q) - s * z * sum(A) rounds terms up to |q s| <= |w| + |z s| each
+    n, k = weight.shape
+    zs = np.repeat(np.abs(tensors["zero"] * tensors["scale"]).reshape(n, k // group_size), group_size, axis=1)
+    rng = np.random.default_rng(3)
+    for m in (1, 2, 3):
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        y = sess.run(None, {"A": a})[0].astype(np.float64)
+        ref = a.astype(np.float64) @ weight.astype(np.float64).T + bias
+        terms = np.abs(a).astype(np.float64) @ (np.abs(weight) + 2 * zs).T + np.abs(bias)
+        bound = 64 * np.finfo(np.float32).eps * terms
+        excess = np.abs(y - ref) / bound
+        assert excess.max() <= 1.0, f"M={m}: error {excess.max():.2f} x the bound"
+
+
 def test_leading_dims_and_absent_bias(library: Path) -> None:
     layer = hqq_layer(4, 1, "fp32", "48x52")
     tensors, attrs = op_tensors(layer)

@@ -15,6 +15,10 @@
 
 #include "problem.h"
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 namespace hqx {
 namespace HQX_ISA {
 namespace {
@@ -281,9 +285,164 @@ void gemm_task(void* data, size_t task) {
   std::free(c);
 }
 
+// ---- Factorized GEMV (M < 4, fp32 compute and activations, axis 1, groups of whole blocks within rows) ----
+//
+// Per group, sum_k A[k] * (q[k] - z) * s = s * (sum_k A[k] * q[k]) - s * z * (sum_k A[k]): the codes are multiplied
+// as small integers converted to float, the group sums of A are computed once per call, and no weight is
+// dequantized. Equal to dequant-then-dot in real arithmetic; in float it differs only by rounding (docs/kernels.md).
+//
+// A block is 8 words of W (uint8, or uint32 for bits 3) = 8 * PER codes; lane i of a v8i holds word i, and its
+// j-th code (k = 8 * PER * block + PER * i + j) meets A permuted into the same order (Ablocks[block][j][i]).
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint8_t v8b __attribute__((vector_size(8)));
+
+constexpr int kFastRows = 4;  // output rows per pass: each load of A serves 4 rows
+
+template <typename Word>
+inline v8i load_words(const Word* w) {
+  if constexpr (sizeof(Word) == 1) {
+#ifdef __AVX2__
+    return reinterpret_cast<v8i>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+#endif
+    v8b b;
+    std::memcpy(&b, w, sizeof(b));
+    return __builtin_convertvector(b, v8i);
+  } else {
+    v8i v;
+    std::memcpy(&v, w, sizeof(v));
+    return v;
+  }
+}
+
+struct FastJob {
+  const Problem* p;
+  const float* Ablocks;  // [M, K] A permuted per block
+  const float* Asums;    // [M, K / g] group sums of A
+  float* Y;              // [M, N]
+};
+
+template <typename Word, int BITS, int PER, int R>
+inline void fast_rows(const FastJob& job, int64_t n0) {
+  const Problem& p = *job.p;
+  constexpr int kBlock = 8 * PER;
+  const int64_t groups_per_row = p.K / p.group_size;
+  const int64_t blocks_per_group = p.group_size / kBlock;
+  const float* scale = static_cast<const float*>(p.scale);
+  const float* zero = static_cast<const float*>(p.zero);
+  const Word* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = static_cast<const Word*>(p.W) + (n0 + r) * p.row_words;
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* ab = job.Ablocks + m * p.K;
+    const float* asum = job.Asums + m * groups_per_row;
+    v8f total[R] = {};
+    float offset[R] = {};
+    int64_t block = 0;
+    for (int64_t gi = 0; gi < groups_per_row; ++gi) {
+      v8f acc[R] = {};
+      for (int64_t b = 0; b < blocks_per_group; ++b, ++block) {
+        v8i words[R];
+        for (int r = 0; r < R; ++r) words[r] = load_words(rows[r] + block * 8);
+        const float* a = ab + block * kBlock;
+        for (int j = 0; j < PER; ++j) {
+          const v8f av = load8(a + j * 8);
+          for (int r = 0; r < R; ++r) {
+            const v8i code = (words[r] >> (BITS * j)) & ((1 << BITS) - 1);
+            acc[r] += __builtin_convertvector(code, v8f) * av;
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const int64_t g = (n0 + r) * groups_per_row + gi;
+        total[r] += scale[g] * acc[r];
+        offset[r] += scale[g] * zero[g] * asum[gi];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const v8f t = total[r];
+      const float dot = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+      job.Y[m * p.N + n0 + r] = dot - offset[r];
+    }
+  }
+}
+
+template <typename Word, int BITS, int PER>
+void fast_task(void* data, size_t task) {
+  const FastJob& job = *static_cast<const FastJob*>(data);
+  const int64_t end = min64(job.p->N, static_cast<int64_t>(task + 1) * kGemvRows);
+  int64_t n = static_cast<int64_t>(task) * kGemvRows;
+  for (; n + kFastRows <= end; n += kFastRows) fast_rows<Word, BITS, PER, kFastRows>(job, n);
+  for (; n < end; ++n) fast_rows<Word, BITS, PER, 1>(job, n);
+}
+
+int codes_per_word(int bits) { return bits == 3 ? 10 : 8 / bits; }
+
+// The factorized path applies: see above. fp16/bf16 compute dtypes and fp16 activations keep exact dequantization.
+bool fast_applies(const Problem& p) {
+  const int64_t block = 8 * codes_per_word(p.bits);
+  return p.M < 4 && p.axis == 1 && p.meta == DType::F32 && p.act == DType::F32 && p.K % p.group_size == 0 &&
+         p.group_size % block == 0;
+}
+
+void (*pick_fast(int bits))(void*, size_t) {
+  switch (bits) {
+    case 1:
+      return &fast_task<uint8_t, 1, 8>;
+    case 2:
+      return &fast_task<uint8_t, 2, 4>;
+    case 3:
+      return &fast_task<uint32_t, 3, 10>;
+    case 4:
+      return &fast_task<uint8_t, 4, 2>;
+    default:
+      return &fast_task<uint8_t, 8, 1>;
+  }
+}
+
+bool fast_gemv(const Problem& p, const Runner& runner) {
+  const int per = codes_per_word(p.bits);
+  const int64_t block = 8 * per;
+  const int64_t groups_per_row = p.K / p.group_size;
+  float* ablocks = static_cast<float*>(std::malloc(static_cast<size_t>(p.M * p.K) * sizeof(float)));
+  float* asums = static_cast<float*>(std::malloc(static_cast<size_t>(p.M * groups_per_row) * sizeof(float)));
+  if (ablocks == nullptr || asums == nullptr) {
+    std::free(ablocks);
+    std::free(asums);
+    return false;
+  }
+  const float* A = static_cast<const float*>(p.A);
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* a = A + m * p.K;
+    float* out = ablocks + m * p.K;
+    for (int64_t b0 = 0; b0 < p.K; b0 += block) {
+      for (int i = 0; i < 8; ++i) {
+        for (int j = 0; j < per; ++j) out[b0 + j * 8 + i] = a[b0 + i * per + j];
+      }
+    }
+    for (int64_t gi = 0; gi < groups_per_row; ++gi) {
+      v8f s = {};
+      const float* ag = a + gi * p.group_size;
+      for (int64_t k = 0; k < p.group_size; k += 8) s += load8(ag + k);
+      asums[m * groups_per_row + gi] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    }
+  }
+  FastJob job{&p, ablocks, asums, static_cast<float*>(p.Y)};
+  runner.parallel_for(runner.ctx, pick_fast(p.bits), static_cast<size_t>((p.N + kGemvRows - 1) / kGemvRows), &job);
+  const float* bias = static_cast<const float*>(p.bias);
+  if (bias != nullptr) {
+    for (int64_t m = 0; m < p.M; ++m) {
+      for (int64_t n = 0; n < p.N; ++n) job.Y[m * p.N + n] += bias[n];
+    }
+  }
+  std::free(ablocks);
+  std::free(asums);
+  return true;
+}
+
 }  // namespace
 
 bool matmul(const Problem& p, const Runner& runner) {
+  if (fast_applies(p)) return fast_gemv(p, runner);
   const bool half = p.act == DType::F16;
   const size_t a_count = static_cast<size_t>(p.M * p.K);
   const size_t y_count = static_cast<size_t>(p.M * p.N);
