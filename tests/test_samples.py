@@ -143,7 +143,6 @@ def test_cpp_sample_reports_a_missing_adapter_file(story, cpp_program):
 
 
 def test_genai_sample_switches_adapters(story, reference):
-    pytest.importorskip("onnxruntime_genai")
     eos = json.loads((story / "separate" / "genai_config.json").read_text())["model"]["eos_token_id"]
     out = python("genai/generate_genai.py", story / "separate", "--prompt", PROMPT, "--adapter", "tuned",
                  "--adapter", "base", "--max-new-tokens", str(TOKENS), "--token-ids")
@@ -159,7 +158,6 @@ def test_genai_sample_switches_adapters(story, reference):
 
 def test_genai_sample_with_the_kernels_library(story, reference, tmp_path):
     """onnxruntime-genai takes a custom-op library only from inside the model folder (samples/genai/README.md)."""
-    pytest.importorskip("onnxruntime_genai")
     from hqexport.kernels import library_path
 
     folder = tmp_path / "with-kernels"
