@@ -22,7 +22,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except HQExportError as error:
-            click.echo(f"hqexport: error: {error}", err=True)
+            click.echo("hqexport: error: " + " ".join(str(error).split()), err=True)  # always one line
             sys.exit(error.exit_code)
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.integration  # a converted + validated story, then each sample: minutes (.ci/run step)
+
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 PROMPT = "The old lighthouse keeper"  # the finetune script validates with this prompt
 TOKENS = 12

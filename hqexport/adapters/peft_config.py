@@ -148,7 +148,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise HQExportError(f"missing {CONFIG_FILE}", folder) from None
     except (OSError, ValueError) as err:
-        raise HQExportError(f"cannot read: {err}", file) from None
+        raise HQExportError(f"cannot read: {' '.join(str(err).split())}", file) from None
     if not isinstance(config, dict):
         raise HQExportError("is not a JSON object", file)
     peft_type = config.get("peft_type", "LORA")
@@ -166,12 +166,73 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
             "plain LoRA first (PEFT's path_initial_model_for_weight_conversion)",
             file,
         )
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise HQExportError(f"{key} must be a positive number, got {config.get(key)!r}", file)
     if config.get("target_modules") is None:
         raise HQExportError("target_modules is missing", file)
+    _check_values(config, file)
     return config
+
+
+def _positive(value: Any, *, integer: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    return math.isfinite(value) and value > 0
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
+
+
+def _names(value: Any, *, regex: bool) -> bool:
+    """A string (a regular expression if `regex`) or a list of strings."""
+    if isinstance(value, str):
+        return not regex or _compiles(value)
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _check_values(config: Mapping[str, Any], file: Path) -> None:
+    """The types and ranges PEFT's LoraConfig expects for the entries that decide targets and scaling."""
+    problems = {
+        "r": _positive(config.get("r"), integer=True) or "a positive integer",
+        "lora_alpha": _positive(config.get("lora_alpha"), integer=False) or "a positive number",
+        "target_modules": _names(config["target_modules"], regex=True) or "a regular expression or a list of names",
+        "exclude_modules": config.get("exclude_modules") is None
+        or _names(config["exclude_modules"], regex=True)
+        or "a regular expression or a list of names",
+        "layers_to_transform": config.get("layers_to_transform") is None
+        or _index_list(config["layers_to_transform"])
+        or "a layer index or a list of them",
+        "layers_pattern": config.get("layers_pattern") is None
+        or (_names(config["layers_pattern"], regex=False) and _patterns_compile(config["layers_pattern"]))
+        or "a name or a list of names",
+        "use_rslora": config.get("use_rslora") is None or isinstance(config["use_rslora"], bool) or "true or false",
+        "use_dora": config.get("use_dora") is None or isinstance(config["use_dora"], bool) or "true or false",
+    }
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(key) or {}
+        valid = isinstance(patterns, dict) and all(
+            _compiles(rf"(.*\.)?({k})$") and _positive(v, integer=integer) for k, v in patterns.items()
+        )
+        problems[key] = valid or f"an object of module patterns -> positive {'integers' if integer else 'numbers'}"
+    for key, verdict in problems.items():
+        if verdict is not True:
+            raise HQExportError(f"{key} must be {verdict}, got {json.dumps(config.get(key))[:80]}", file)
+
+
+def _index_list(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _patterns_compile(patterns: str | list[str]) -> bool:
+    """layers_pattern entries are pasted into a regular expression."""
+    return all(_compiles(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in ([patterns] if isinstance(patterns, str) else patterns))
 
 
 def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -186,7 +247,7 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except (SafetensorError, OSError) as err:
-        raise HQExportError(f"cannot read: {err}", file) from None
+        raise HQExportError(f"cannot read: {' '.join(str(err).split())}", file) from None
 
 
 def split_weight_key(key: str, file: Path) -> tuple[str, str]:

@@ -6,6 +6,8 @@ allocated; buffers such as rotary frequencies are computed for real by the model
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,17 +40,39 @@ def supported_list() -> str:
 
 def model_config(qmodel: QuantizedModel) -> transformers.PretrainedConfig:
     """The transformers config of a supported architecture, without the checkpoint's quantization settings."""
+    config_file = _config_file(qmodel)
+    if qmodel.config.get("auto_map"):
+        raise UnsupportedModelError(
+            f"asks for custom model code (auto_map {json.dumps(qmodel.config['auto_map'], default=str)[:200]}); "
+            "hqexport never runs code from a model folder (trust_remote_code) and has no option to allow it: "
+            f"only transformers' built-in architectures are converted ({supported_list()})",
+            config_file,
+        )
     model_type = qmodel.config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"architecture {qmodel.architecture} (model_type {model_type!r}) is not supported; "
-            f"supported: {supported_list()}"
+            f"supported: {supported_list()}",
+            config_file,
         )
     values: dict[str, Any] = {k: v for k, v in qmodel.config.items() if k not in _CHECKPOINT_KEYS}
-    config = transformers.AutoConfig.for_model(**values)
+    try:
+        config = transformers.AutoConfig.for_model(**values)
+    except Exception as error:  # noqa: BLE001 - transformers and huggingface_hub raise many types for bad values
+        raise _invalid_config(qmodel, error) from None
     if "lm_head" in qmodel.linears:  # a quantized head cannot share the fp embedding matrix
         config.tie_word_embeddings = False
     return config
+
+
+def _config_file(qmodel: QuantizedModel) -> Path | None:
+    """The source's config.json, named in errors (None for a live model)."""
+    return qmodel.provenance.path / "config.json" if qmodel.provenance.path is not None else None
+
+
+def _invalid_config(qmodel: QuantizedModel, error: Exception) -> HQExportError:
+    reason = " ".join(f"{type(error).__name__}: {error}".split())  # one line, whatever transformers wrote
+    return HQExportError(f"transformers cannot build {qmodel.architecture} from it ({reason[:300]})", _config_file(qmodel))
 
 
 def _install_linears(model: torch.nn.Module, qmodel: QuantizedModel, act_dtype: torch.dtype) -> None:
@@ -58,11 +82,12 @@ def _install_linears(model: torch.nn.Module, qmodel: QuantizedModel, act_dtype: 
             parent = model.get_submodule(parent_path)
             current = getattr(parent, child)
         except AttributeError:
-            raise HQExportError(f"quantized layer {path} is not a module of {qmodel.architecture}") from None
+            raise HQExportError(f"quantized layer {path} is not a module of {qmodel.architecture}", _config_file(qmodel)) from None
         if not isinstance(current, torch.nn.Linear) or (current.out_features, current.in_features) != layer.shape:
             raise HQExportError(
                 f"quantized layer {path} has shape {list(layer.shape)}, but {qmodel.architecture} has "
-                f"{type(current).__name__} {getattr(current, 'weight', torch.empty(0)).shape} there"
+                f"{type(current).__name__} {list(getattr(current, 'weight', torch.empty(0)).shape)} there",
+                _config_file(qmodel),
             )
         setattr(parent, child, HQQMatMulLinear(layer, act_dtype))
 
@@ -74,23 +99,27 @@ def _load_fp_tensors(model: torch.nn.Module, qmodel: QuantizedModel, dtype: torc
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise HQExportError(
-            f"the weights hold tensors {qmodel.architecture} does not have: {', '.join(result.unexpected_keys[:5])}"
+            f"the weights hold tensors {qmodel.architecture} does not have: {', '.join(result.unexpected_keys[:5])}",
+            _config_file(qmodel),
         )
     if model.config.tie_word_embeddings:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     missing = [name for name, param in model.named_parameters() if param.is_meta]
     if missing:
-        raise HQExportError(f"the weights lack fp tensors {', '.join(missing[:5])} of {qmodel.architecture}")
+        raise HQExportError(f"the weights lack fp tensors {', '.join(missing[:5])} of {qmodel.architecture}", _config_file(qmodel))
 
 
 def rebuild_model(qmodel: QuantizedModel, dtype: str = "fp32", attn_implementation: str = "sdpa") -> torch.nn.Module:
     """The causal LM with fp parts in `dtype` and every quantized linear an HQQMatMulLinear."""
     torch_dtype = DTYPES[dtype]
     config = model_config(qmodel)
-    with init_empty_weights(include_buffers=False):
-        model = transformers.AutoModelForCausalLM.from_config(
-            config, dtype=torch_dtype, attn_implementation=attn_implementation
-        )
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = transformers.AutoModelForCausalLM.from_config(
+                config, dtype=torch_dtype, attn_implementation=attn_implementation
+            )
+    except Exception as error:  # noqa: BLE001 - a config transformers accepted but cannot build a model from
+        raise _invalid_config(qmodel, error) from None
     _install_linears(model, qmodel, torch_dtype)
     _load_fp_tensors(model, qmodel, torch_dtype)
     return model.eval()

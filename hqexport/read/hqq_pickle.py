@@ -29,7 +29,7 @@ def load_pickle(path: Path) -> dict[str, dict]:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
         what = f" (it asks for {found.group(1)})" if found else ""
         raise HQExportError(
             f"refused: this pickle needs more than tensors and plain values to load{what}; it was not executed", path
@@ -68,5 +68,5 @@ def _layer(weights: Path, module: str, entries: dict) -> QuantizedLinear:
         return layer_from_meta(module, packed, meta, bias)
     except HQExportError as error:
         raise HQExportError(error.message, weights) from None
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
         raise HQExportError(f"layer {module} has malformed hqq metadata ({type(error).__name__}: {error})", weights) from None

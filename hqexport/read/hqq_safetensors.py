@@ -29,6 +29,11 @@ _DTYPES = {
 }
 
 
+def _one_line(error: Exception) -> str:
+    """A library's message about a damaged file, which may quote the file's own bytes, on one line."""
+    return " ".join(str(error).split())
+
+
 def _ascii(value: torch.Tensor) -> str:
     if value.dtype != torch.uint8 or value.dim() != 1:
         raise ValueError(f"expected a 1-D uint8 ASCII tensor, got {value.dtype} {list(value.shape)}")
@@ -115,7 +120,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise HQExportError(f"is not a readable safetensors file ({error})", path) from None
+        raise HQExportError(f"is not a readable safetensors file ({_one_line(error)})", path) from None
 
 
 def has_hqq_layers(files: list[Path]) -> bool:
@@ -126,7 +131,7 @@ def has_hqq_layers(files: list[Path]) -> bool:
                 if any(key.endswith(".W_q") for key in handle.keys()):
                     return True
         except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-            raise HQExportError(f"is not a readable safetensors file ({error})", path) from None
+            raise HQExportError(f"is not a readable safetensors file ({_one_line(error)})", path) from None
     return False
 
 
@@ -161,7 +166,7 @@ def _layer(module: str, state: dict[str, torch.Tensor], path: Path) -> Quantized
             continue
         try:
             meta[key] = decode(value)
-        except ValueError as error:
+        except (ValueError, OverflowError) as error:
             raise HQExportError(f"layer {module}: metadata {key!r} is malformed ({error})", path) from None
     missing = [key for key in ("nbits", "group_size", "axis", "shape", "packing") if key not in meta]
     if missing and not (meta.get("quant_scale") or meta.get("quant_zero")):
@@ -170,5 +175,5 @@ def _layer(module: str, state: dict[str, torch.Tensor], path: Path) -> Quantized
         return layer_from_meta(module, state[f"{module}.W_q"], meta, state.get(f"{module}.bias"))
     except HQExportError as error:
         raise HQExportError(error.message, path) from None
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
         raise HQExportError(f"layer {module} has malformed hqq metadata ({type(error).__name__}: {error})", path) from None

@@ -45,6 +45,8 @@ def layer_from_meta(name: str, packed: torch.Tensor, meta: Mapping[str, Any], bi
     if axis not in (0, 1):
         raise HQExportError(f"layer {name} has axis={axis}; hqq uses 0 or 1")
     out_features, in_features = (int(d) for d in meta["shape"])
+    if out_features <= 0 or in_features <= 0:
+        raise HQExportError(f"layer {name} has shape [{out_features}, {in_features}]; both sizes must be positive")
     group_size = int(meta["group_size"])
     if group_size <= 0 or (out_features * in_features) % group_size:
         raise HQExportError(f"layer {name}: group_size {group_size} does not divide its {out_features}x{in_features} weight")
@@ -54,8 +56,14 @@ def layer_from_meta(name: str, packed: torch.Tensor, meta: Mapping[str, Any], bi
 
     fmt = HQQFormat(nbits=nbits, group_size=group_size, axis=axis, packing=packing)
     view_as_float = bool(meta.get("view_as_float", False))
+    if not isinstance(packed, torch.Tensor) or packed.dim() != 2:
+        what = list(packed.shape) if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise HQExportError(f"layer {name}: W_q must be a 2-D tensor, got {what}")
     if packed.dtype.is_floating_point:
-        packed = packed.view(_TORCH_STORAGE[packing])
+        try:
+            packed = packed.view(_TORCH_STORAGE[packing])
+        except RuntimeError:
+            raise HQExportError(f"layer {name}: W_q {packed.dtype} {list(packed.shape)} cannot be viewed as {packing} codes") from None
         view_as_float = True
     if packed.dtype != _TORCH_STORAGE[packing]:
         raise HQExportError(f"layer {name}: W_q has dtype {packed.dtype}, {packing} stores {_TORCH_STORAGE[packing]}")
@@ -72,8 +80,16 @@ def layer_from_meta(name: str, packed: torch.Tensor, meta: Mapping[str, Any], bi
     for label, tensor in (("scale", scale), ("zero", zero)):
         if not isinstance(tensor, torch.Tensor) or tensor.numel() != groups:
             raise HQExportError(f"layer {name}: {label} must hold {groups} values (one per group)")
+        if not tensor.is_floating_point():
+            raise HQExportError(f"layer {name}: {label} has dtype {tensor.dtype}; hqq stores it in the compute dtype")
         if not torch.isfinite(tensor.float()).all():
             raise HQExportError(f"layer {name}: {label} contains NaN or Inf")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,) or not bias.is_floating_point():
+            what = f"{bias.dtype} {list(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise HQExportError(f"layer {name}: bias is {what}; expected a float vector of {out_features} values")
+        if not torch.isfinite(bias.float()).all():
+            raise HQExportError(f"layer {name}: bias contains NaN or Inf")
     group_shape = (groups, 1) if axis == 1 else (1, groups)
     return QuantizedLinear(
         name=name,

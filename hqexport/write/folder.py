@@ -3,10 +3,16 @@
 OUT is refused if it exists (unless --force), if it is or lies inside the source folder, or if it contains the
 source. --force replaces only a folder hqexport wrote before (it holds hqexport.json) or an empty one, so a
 typo cannot wipe an unrelated folder.
+
+A convert that is killed (SIGKILL, power loss) cannot remove its staging folder `.OUT.partial-*`. Each running
+convert holds an flock on its staging folder, so the next convert to the same OUT can tell a dead one's
+leftovers (lock free) from a concurrent convert's (lock held) and removes only the former.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -41,16 +47,62 @@ def check_output(out: Path, *, force: bool, source: Path | None = None) -> None:
 
 @contextmanager
 def staged_output(out: Path, *, force: bool, source: Path | None = None) -> Iterator[Path]:
-    """Yield an empty staging folder next to `out`; on success it becomes `out`, on error it is removed."""
+    """Yield an empty staging folder next to `out`; on success it becomes `out`, on error it is removed.
+
+    A file-system error inside the block (disk full, no permission) becomes an HQExportError naming OUT.
+    """
     check_output(out, force=force, source=source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(out)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as error:
+        raise HQExportError(f"cannot create the output folder ({_describe(error)})", out) from None
+    lock = _lock(staging)
     try:
         yield staging
         check_output(out, force=force, source=source)  # OUT may have appeared meanwhile
         _commit(staging, out)
+    except OSError as error:
+        raise HQExportError(f"convert stopped on a file-system error ({_describe(error)}); nothing was written", out) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        os.close(lock)
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove `.OUT.partial-*` / `.OUT.old-*` folders left by a killed convert (no process holds their lock)."""
+    prefixes = (f".{out.name}.partial-", f".{out.name}.old-")
+    removed = []
+    for folder in sorted(out.parent.iterdir()):
+        if not folder.name.startswith(prefixes) or folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            lock = _lock(folder)
+        except BlockingIOError:  # a running convert owns it
+            continue
+        try:
+            shutil.rmtree(folder)
+            removed.append(folder)
+        finally:
+            os.close(lock)
+    return removed
+
+
+def _lock(folder: Path) -> int:
+    """An open descriptor of `folder` holding an exclusive flock (released when closed or the process dies)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def _describe(error: OSError) -> str:
+    reason = error.strerror or str(error)
+    return f"{reason}: {error.filename}" if error.filename else reason
 
 
 def _commit(staging: Path, out: Path) -> None:
@@ -58,6 +110,7 @@ def _commit(staging: Path, out: Path) -> None:
         staging.rename(out)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    lock = _lock(old)
     replaced = old / out.name
     out.rename(replaced)
     try:
@@ -67,3 +120,4 @@ def _commit(staging: Path, out: Path) -> None:
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+        os.close(lock)
