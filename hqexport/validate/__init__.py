@@ -118,7 +118,8 @@ def validate(
         progress=say,
     )
     kernels = onnx_model.kernels
-    notes.append(f"hqexport ops ran on the compiled kernels {kernels}" if kernels else "hqexport ops ran as their ONNX function body")
+    if any(entry.get("op") == "hqexport.HQQMatMul" for entry in exported.layers.values()):
+        notes.append(f"hqexport ops ran on the compiled kernels {kernels}" if kernels else "hqexport ops ran as their ONNX function body")
     report = Report(str(exported.folder), str(source), provider, dtype, notes=notes)
     checks: list[tuple[str, Callable[[], CheckResult]]] = [
         ("weights", lambda: check_weights(ctx)),
