@@ -26,7 +26,8 @@ from hqexport.export.decoder import DecoderWithCache, decoder_io
 from hqexport.export.onnx_export import DEFAULT_OPSET, ExportedGraph, check_opset, export_decoder
 from hqexport.export.quant_linear import HQQMatMulLinear
 from hqexport.export.rebuild import DTYPES, rebuild_model
-from hqexport.lower import LowerToMatMulNBits
+from hqexport.formats import storage_bits
+from hqexport.lower import LowerToMatMulNBits, matmulnbits_blocker
 from hqexport.model import QuantizedModel
 from hqexport.ops.schema import DOMAIN, OP_TYPE
 from hqexport.read.folder import sha256
@@ -102,6 +103,8 @@ def convert(
         else:
             with steps(f"Reading {source}"):
                 qmodel = read_source(Path(source))
+        if ops == "ort":
+            _check_all_lowerable(qmodel)
         specs = _load_adapters(qmodel, adapters) if adapters else []
         adapter_manifest: dict[str, dict[str, Any]] = {}
         if mode == "merge" and specs:
@@ -112,22 +115,22 @@ def convert(
         with steps(f"Exporting to ONNX (torch.onnx dynamo, opset {opset})"):
             graph = export_decoder(DecoderWithCache(causal_lm, io), opset)
         layer_ops = {path: {"op": HQQ_OP, "node": node.node, "initializers": dict(node.initializers)} for path, node in graph.layers.items()}
-        adapter_files = None
+        adapter_export = None
         if mode != "merge" and specs:
             with steps(f"Adding {len(specs)} adapter(s) ({mode})"):
                 layers_view = {
                     path: {"node": node.node, "shape": list(qmodel.linears[path].shape), "initializers": node.initializers}
                     for path, node in graph.layers.items()
                 }
-                adapter_files = apply_adapters(graph.model, {"model": {"dtype": dtype}, "layers": layers_view}, specs, mode, qmodel.linears)
-                adapter_manifest = adapter_files.manifest
+                adapter_export = apply_adapters(graph.model, {"model": {"dtype": dtype}, "layers": layers_view}, specs, mode, qmodel.linears)
+                adapter_manifest = adapter_export.manifest
         if ops != "hqq":
             with steps(f"Lowering to MatMulNBits where exact (--ops {ops})"):
                 _lower(graph, layer_ops, ops)
         with steps("Writing model.onnx, model.onnx.data and checking them"):
             write_onnx(graph.model, staging)
-            if adapter_files is not None:
-                adapter_files.write_files(staging)
+            if adapter_export is not None:
+                adapter_export.write_files(staging)
         for path in qmodel.tokenizer_files:
             shutil.copy2(path, staging / path.name)
         (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(causal_lm.config, io), indent=2))
@@ -183,6 +186,16 @@ def _merge(qmodel: QuantizedModel, specs: list[AdapterSpec], steps: _Steps) -> t
             + (" — merging erased most of the fine-tune; prefer --adapters separate or bake" if retained < LOW_RETENTION else "")
         )
     return merged, {spec.name: entry}
+
+
+def _check_all_lowerable(qmodel: QuantizedModel) -> None:
+    """--ops ort: refuse before the long export when a layer has no exact MatMulNBits form."""
+    for path, layer in qmodel.linears.items():
+        blocker = matmulnbits_blocker(
+            bits=storage_bits(layer.fmt), group_size=layer.fmt.group_size, axis=layer.fmt.axis, in_features=layer.in_features
+        )
+        if blocker is not None:
+            raise HQExportError(f"--ops ort: layer {path} ({layer.fmt.label}) cannot run as MatMulNBits: {blocker}")
 
 
 def _lower(graph: ExportedGraph, layer_ops: dict[str, dict[str, Any]], ops: str) -> None:

@@ -369,3 +369,12 @@ def test_rebuilt_model_from_a_live_model_matches_hqq(hqq_model):
     ids = torch.tensor([PROMPTS[0]])
     with torch.inference_mode():
         torch.testing.assert_close(rebuilt(input_ids=ids).logits, live(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_ops_ort_refuses_an_inexpressible_layer_before_exporting(hqq_source, tmp_path, monkeypatch):
+    source = hqq_source("llama", "pickle", **FORMATS["2bit-axis0"])
+    monkeypatch.setattr("hqexport.convert.export_decoder", lambda *a, **k: pytest.fail("exported before refusing"))
+    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(tmp_path / "out"), "--ops", "ort"])
+    assert result.exit_code == 2
+    assert "--ops ort: layer model.layers.0.self_attn.q_proj (2bit g16 axis0) cannot run as MatMulNBits" in result.stderr
+    assert list(tmp_path.iterdir()) == []
