@@ -4,6 +4,7 @@ read -> adapters (merge re-quantizes before export) -> rebuild (transformers mod
 op modules) -> export (torch.onnx dynamo) -> adapters (separate / bake add LoRA branches to the graph) ->
 lower (--ops: MatMulNBits where exact) -> write (model.onnx + data, adapters/*.onnx_adapter, tokenizer
 files, genai_config.json, hqexport.json) into a staging folder that becomes OUT only when complete.
+The weights are read from the source only as each one is written (export/rebuild.py `rebuild_deferred`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from hqexport.errors import HQExportError
 from hqexport.export.decoder import DecoderWithCache, decoder_io
 from hqexport.export.onnx_export import DEFAULT_OPSET, ExportedGraph, check_opset, export_decoder
 from hqexport.export.quant_linear import HQQMatMulLinear
-from hqexport.export.rebuild import DTYPES, rebuild_model
+from hqexport.export.rebuild import DTYPES, rebuild_deferred
 from hqexport.formats import storage_bits
 from hqexport.lower import LowerToMatMulNBits, matmulnbits_blocker
 from hqexport.model import QuantizedModel
@@ -110,10 +111,10 @@ def convert(
         if mode == "merge" and specs:
             qmodel, adapter_manifest = _merge(qmodel, specs, steps)
         with steps("Rebuilding the model with hqexport ops"):
-            causal_lm = rebuild_model(qmodel, dtype)
+            causal_lm, loaders = rebuild_deferred(qmodel, dtype)
             io = decoder_io(causal_lm.config, DTYPES[dtype])
         with steps(f"Exporting to ONNX (torch.onnx dynamo, opset {opset})"):
-            graph = export_decoder(DecoderWithCache(causal_lm, io), opset)
+            graph = export_decoder(DecoderWithCache(causal_lm, io), opset, loaders)
         layer_ops = {path: {"op": HQQ_OP, "node": node.node, "initializers": dict(node.initializers)} for path, node in graph.layers.items()}
         adapter_export = None
         if mode != "merge" and specs:

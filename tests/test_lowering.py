@@ -18,18 +18,18 @@ N, K, M = 48, 128, 5
 _ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-def _hqq_layer(nbits: float, group_size: int, axis: int, *, bias: bool = False, dtype=torch.float32, seed: int = 0):
+def _hqq_layer(nbits: float, group_size: int, axis: int, *, bias: bool = False, dtype=torch.float32, seed: int = 0, in_features: int = K):
     torch.manual_seed(seed)
-    linear = torch.nn.Linear(K, N, bias=bias)
+    linear = torch.nn.Linear(in_features, N, bias=bias)
     return HQQLinear(linear, BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=axis), compute_dtype=dtype, device="cpu")
 
 
 def _single_layer_model(hqq_layer: HQQLinear, name: str = "layer0") -> ir.Model:
     """A graph with one hqexport.HQQMatMul node holding the layer's canonical initializers."""
     layer = layer_from_meta(name, hqq_layer.W_q.data, hqq_layer.meta, hqq_layer.bias)
-    bits = storage_bits(layer.fmt)
-    codes = unpack_codes(layer.packed.numpy(), N, K, layer.fmt)
-    a = ir.val("A", ir.DataType.FLOAT, ["M", K])
+    bits, k = storage_bits(layer.fmt), layer.in_features
+    codes = unpack_codes(layer.packed.numpy(), N, k, layer.fmt)
+    a = ir.val("A", ir.DataType.FLOAT, ["M", k])
     inputs = [a]
     for label, array in (
         ("weight", pack_canonical(codes, bits)),
@@ -39,7 +39,7 @@ def _single_layer_model(hqq_layer: HQQLinear, name: str = "layer0") -> ir.Model:
         inputs.append(ir.Value(name=f"{name}.{label}", const_value=ir.tensor(array, name=f"{name}.{label}")))
     node = ir.node(
         "HQQMatMul", inputs,
-        {"N": N, "K": K, "bits": bits, "group_size": layer.fmt.group_size, "axis": layer.fmt.axis},
+        {"N": N, "K": k, "bits": bits, "group_size": layer.fmt.group_size, "axis": layer.fmt.axis},
         domain="hqexport", name=name,
     )
     node.outputs[0].name = "Y"
@@ -55,19 +55,21 @@ def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "nbits, group_size, bias, dtype",
-    [(4, 64, False, torch.float32), (4, 32, True, torch.float32), (2, 16, False, torch.float32),
-     (8, 128, False, torch.float32), (3, 64, False, torch.float32), (1, 16, False, torch.float32),
-     (4, 64, False, torch.float16), (4, 64, False, torch.bfloat16)],
+    "nbits, group_size, bias, dtype, in_features",
+    [(4, 64, False, torch.float32, K), (4, 32, True, torch.float32, K), (2, 16, False, torch.float32, K),
+     (8, 128, False, torch.float32, K), (3, 64, False, torch.float32, K), (1, 16, False, torch.float32, K),
+     (4, 64, False, torch.float16, K), (4, 64, False, torch.bfloat16, K),
+     # an odd number of groups per row: 4- and 2-bit zero points are padded to whole bytes row by row
+     (4, 32, False, torch.float32, 96), (2, 16, False, torch.float32, 80)],
 )
-def test_lowered_layer_matches_hqq_forward(nbits, group_size, bias, dtype):
-    hqq_layer = _hqq_layer(nbits, group_size, axis=1, bias=bias, dtype=dtype)
+def test_lowered_layer_matches_hqq_forward(nbits, group_size, bias, dtype, in_features):
+    hqq_layer = _hqq_layer(nbits, group_size, axis=1, bias=bias, dtype=dtype, in_features=in_features)
     lowering = LowerToMatMulNBits("ort")
     model = lowering(_single_layer_model(hqq_layer)).model
     assert [n.op_type for n in model.graph if n.domain == "hqexport"] == []
     assert lowering.decisions["layer0"].op == "com.microsoft.MatMulNBits"
 
-    x = torch.randn(M, K)
+    x = torch.randn(M, in_features)
     with torch.no_grad():
         weight = hqq_layer.dequantize().float()
         expected = (x.double() @ weight.double().T + (hqq_layer.bias.double() if bias else 0)).numpy()

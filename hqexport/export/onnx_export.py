@@ -4,21 +4,26 @@ The exporter traces DecoderWithCache with dynamic batch / sequence / past length
 call becomes one hqexport::HQQMatMul node through the ops package's translation table. Initializers are then
 renamed to the transformers state-dict names ("model.layers.0.self_attn.q_proj.weight_packed") and each op
 node is named after its layer ("model.layers.0.self_attn.q_proj/HQQMatMul").
+
+Weights left on the meta device (export/rebuild.py `rebuild_deferred`) become `ir.LazyTensor` initializers whose
+data is produced by their loader when it is needed — normally only when the file is written, one at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
 from hqexport.errors import HQExportError
 from hqexport.export.decoder import DecoderWithCache
+from hqexport.export.lazy import lazy_tensor
 from hqexport.export.quant_linear import BUFFER_NAMES, HQQMatMulLinear
 from hqexport.ops.function import MAX_OPSET, MIN_OPSET
 from hqexport.ops.schema import DOMAIN, OP_TYPE
@@ -51,8 +56,14 @@ class ExportedGraph:
     layers: dict[str, LayerNode]  # by module path
 
 
-def export_decoder(wrapper: DecoderWithCache, opset: int = DEFAULT_OPSET) -> ExportedGraph:
-    """The in-memory ONNX model (onnx_ir) of the wrapper and the op node of every quantized layer."""
+def export_decoder(
+    wrapper: DecoderWithCache, opset: int = DEFAULT_OPSET, loaders: Mapping[str, Callable[[], np.ndarray]] | None = None
+) -> ExportedGraph:
+    """The in-memory ONNX model (onnx_ir) of the wrapper and the op node of every quantized layer.
+
+    loaders: for each weight the wrapper holds without data (a meta tensor or a placeholder), by state-dict name,
+    what produces its data.
+    """
     check_opset(opset)
     io = wrapper.io
     with _quiet(), torch.no_grad():
@@ -65,12 +76,15 @@ def export_decoder(wrapper: DecoderWithCache, opset: int = DEFAULT_OPSET) -> Exp
             opset_version=opset,
             custom_translation_table=translation_table(),
             dynamo=True,
-            optimize=True,
+            optimize=False,  # below, once no initializer is a meta tensor
             verbose=False,
         )
+        _rename_initializers(program.model)
+        _defer_initializers(program.model, loaders or {})
+        _fold_deferred_transposes(program.model)
+        program.optimize()
     model = program.model
     _strip_metadata(model)
-    _rename_initializers(model)
     return ExportedGraph(model, _name_op_nodes(model, wrapper.causal_lm))
 
 
@@ -102,6 +116,46 @@ def _rename_initializers(model: ir.Model) -> None:
             model.graph.initializers.pop(value.name)
             value.name = value.name[len(_PREFIX) :]
             model.graph.initializers.add(value)
+
+
+def _defer_initializers(model: ir.Model, loaders: Mapping[str, Callable[[], np.ndarray]]) -> None:
+    """Replace each initializer that has a loader by a LazyTensor calling it (it must give the declared shape and dtype)."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        if value.name not in loaders:
+            if getattr(tensor.raw, "is_meta", False):
+                raise RuntimeError(f"initializer {value.name} has no data and no loader")
+            continue
+        value.const_value = lazy_tensor(value.name, tensor.dtype, tuple(tensor.shape), loaders[value.name])
+
+
+def _fold_deferred_transposes(model: ir.Model) -> None:
+    """Fold Transpose(deferred weight), e.g. an untied lm_head's, into a deferred initializer of its own.
+
+    The optimizer always folds a Transpose of an initializer; doing it here keeps the result deferred (the
+    optimizer would hold the transposed copy in memory until the end, and write it from a strided view).
+    """
+    graph = model.graph
+    for node in list(graph):
+        if node.domain or node.op_type != "Transpose" or len(node.inputs) != 1:
+            continue
+        source = node.inputs[0]
+        if source is None or not source.is_initializer() or len(source.uses()) != 1:
+            continue
+        lazy = source.const_value
+        if not isinstance(lazy, ir.LazyTensor):
+            continue
+        perm = node.attributes.get_ints("perm", list(reversed(range(len(lazy.shape)))))
+        name = f"{source.name}.transposed"
+        shape = ir.Shape([lazy.shape[axis] for axis in perm])
+        tensor = lazy_tensor(name, lazy.dtype, shape, lambda lazy=lazy, perm=perm: np.ascontiguousarray(lazy.numpy().transpose(perm)))
+        folded = ir.Value(name=name, shape=shape, type=ir.TensorType(lazy.dtype), const_value=tensor)
+        graph.register_initializer(folded)
+        ir.convenience.replace_all_uses_with(node.outputs[0], folded)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
 
 
 def _name_op_nodes(model: ir.Model, causal_lm: torch.nn.Module) -> dict[str, LayerNode]:

@@ -16,12 +16,14 @@ class HQQMatMulLinear(torch.nn.Module):
     """y = x @ dequant(W)^T (+ bias) through torch.ops.hqexport.hqq_matmul.
 
     The packed codes, scale, zero and bias are buffers (not parameters), so torch.onnx keeps them as
-    initializers named after the module path and never materializes the fp weight.
+    initializers named after the module path and never materializes the fp weight. With `defer_weight`
+    the packed codes are an empty meta tensor of the right shape: enough to export the graph, whose
+    initializer is then filled from the source layer when it is written (see `canonical_weight`).
     """
 
-    def __init__(self, layer: QuantizedLinear, act_dtype: torch.dtype) -> None:
+    def __init__(self, layer: QuantizedLinear, act_dtype: torch.dtype, *, defer_weight: bool = False) -> None:
         super().__init__()
-        tensors, attrs = op_inputs(layer, act_dtype)
+        tensors, attrs = op_inputs(layer, act_dtype, defer_weight=defer_weight)
         self.attrs = attrs
         self.in_features, self.out_features = layer.in_features, layer.out_features
         for key, suffix in BUFFER_NAMES.items():

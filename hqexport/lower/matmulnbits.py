@@ -11,6 +11,7 @@ which is exact up to float rounding. 3-bit codes ride in a 4-bit container and 1
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from hqexport.errors import HQExportError
+from hqexport.export.lazy import lazy_tensor
 from hqexport.formats.canonical import pack_canonical, unpack_canonical
 
 _CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}
@@ -71,6 +73,7 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False
+        self._group_sums: dict[tuple[ir.Value, int], ir.Value] = {}
         for node in list(graph):
             if node.domain != "hqexport" or node.op_type != "HQQMatMul":
                 continue
@@ -86,11 +89,20 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
             self.decisions[node.name] = self._lower(graph, node, **attrs)
             modified = True
         if modified:
+            graph.sort()
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             common_passes.RemoveUnusedNodesPass()(model)
             common_passes.RemoveUnusedFunctionsPass()(model)
             common_passes.RemoveUnusedOpsetsPass()(model)
         return ir.passes.PassResult(model, modified)
+
+    @staticmethod
+    def _grouped_shape(a: ir.Value, add: Callable[..., ir.Value], initializer: Callable[..., ir.Value], blocks: int, group_size: int) -> ir.Value:
+        """Reshape's target [..., blocks, group_size] for the input: a constant when its rank is known (0 copies a dim)."""
+        if a.shape is not None:
+            return initializer("group_shape", np.array([0] * (len(a.shape) - 1) + [blocks, group_size], np.int64))
+        leading = add("Shape", [a], end=-1)
+        return add("Concat", [leading, initializer("group_shape", np.array([blocks, group_size], np.int64))], axis=0)
 
     def _lower(self, graph: ir.Graph, node: ir.Node, *, N: int, K: int, bits: int, group_size: int, axis: int) -> LayerDecision:
         a, w, scale, zero, *rest = node.inputs
@@ -101,20 +113,18 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         act_np = act_dtype.numpy()
         container = _CONTAINER_BITS[bits]
         blocks = K // group_size
-        codes = unpack_canonical(_const(w, node), K, bits)
-        packed = pack_canonical(codes, container).reshape(N, blocks, group_size * container // 8)
-        s = _const(scale, node).astype(np.float64).reshape(N, blocks)
-        z = _const(zero, node).astype(np.float64).reshape(N, blocks)
-        zr = np.clip(np.round(z), 0, (1 << container) - 1)
-        correction = (zr - z) * s
+        weight, split = _const(w, node), _ZeroSplit(_const(scale, node), _const(zero, node), N, blocks, container)
+        b_shape = (N, blocks, group_size * container // 8)
 
         prefix = node.name or w.name
         new_nodes: list[ir.Node] = []
         names: dict[str, str] = {}
 
-        def initializer(suffix: str, array: np.ndarray) -> ir.Value:
-            names[suffix] = f"{prefix}.{suffix}"
-            value = ir.Value(name=names[suffix], const_value=ir.tensor(array, name=names[suffix]))
+        def initializer(suffix: str, data: np.ndarray | Callable[[], np.ndarray], dtype: np.dtype | None = None, shape: tuple[int, ...] = ()) -> ir.Value:
+            """A new initializer; `data` is an array or, for the per-layer tensors, a function computing it when written."""
+            name = names[suffix] = f"{prefix}.{suffix}"
+            tensor = lazy_tensor(name, dtype, shape, data) if callable(data) else ir.tensor(data, name=name)
+            value = ir.Value(name=name, const_value=tensor)
             graph.register_initializer(value)
             return value
 
@@ -125,19 +135,23 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
 
         y = add(
             "MatMulNBits",
-            [a, initializer("B", packed), initializer("scales", s.reshape(-1).astype(act_np)),
-             initializer("zero_points", pack_canonical(zr.astype(np.uint8), container).reshape(-1))],
+            [a, initializer("B", lambda: _repacked(weight.numpy(), K, bits, container).reshape(b_shape), np.uint8, b_shape),
+             initializer("scales", lambda: split.scale.reshape(-1).astype(act_np), act_np, (N * blocks,)),
+             initializer("zero_points", split.packed_zero_points, np.uint8, split.zero_points_shape)],
             domain=MS_DOMAIN, K=K, N=N, bits=container, block_size=group_size, accuracy_level=self.accuracy_level,
         )
-        needs_correction = bool(np.any(correction != 0))
+        needs_correction = split.needs_correction()
         if needs_correction:
-            leading = add("Shape", [a], end=-1)
-            grouped_shape = add("Concat", [leading, initializer("group_shape", np.array([blocks, group_size], np.int64))], axis=0)
-            group_sums = add(
-                "ReduceSum", [add("Reshape", [a, grouped_shape]), initializer("sum_axes", np.array([-1], np.int64))],
-                keepdims=0,
-            )
-            y = add("Add", [y, add("MatMul", [group_sums, initializer("zero_correction", correction.T.astype(act_np))])])
+            group_sums = self._group_sums.get((a, group_size))
+            if group_sums is None:  # q/k/v (and gate/up) read the same input: their group sums are computed once
+                group_sums = self._group_sums[(a, group_size)] = add(
+                    "ReduceSum",
+                    [add("Reshape", [a, self._grouped_shape(a, add, initializer, blocks, group_size)]),
+                     initializer("sum_axes", np.array([-1], np.int64))],
+                    keepdims=0,
+                )
+            correction = initializer("zero_correction", lambda: split.correction().T.astype(act_np), act_np, (blocks, N))
+            y = add("Add", [y, add("MatMul", [group_sums, correction])])
         if bias is not None:
             y = add("Add", [y, bias])
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [y])
@@ -154,7 +168,44 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         )
 
 
-def _const(value: ir.Value | None, node: ir.Node) -> np.ndarray:
+def _repacked(codes: np.ndarray, K: int, bits: int, container: int) -> np.ndarray:
+    """Canonical packed codes in the container width: the same bytes for 2/4/8 bits, repacked for 1 and 3."""
+    return codes if bits == container else pack_canonical(unpack_canonical(codes, K, bits), container)
+
+
+class _ZeroSplit:
+    """One layer's zero points split into uint8 zero points and the correction (module docstring).
+
+    Each part is computed from the scale and zero tensors when asked for, so that a lowered layer holds no
+    arrays of its own until it is written.
+    """
+
+    def __init__(self, scale: ir.TensorProtocol, zero: ir.TensorProtocol, N: int, blocks: int, container: int) -> None:
+        self._scale, self._zero = scale, zero
+        self._shape, self._container = (N, blocks), container
+        self.zero_points_shape = (N * -(-blocks // (8 // container)),)  # each row's zero points padded to bytes
+
+    @property
+    def scale(self) -> np.ndarray:
+        return self._scale.numpy().astype(np.float64).reshape(self._shape)
+
+    def _zeros(self) -> tuple[np.ndarray, np.ndarray]:
+        """(z, zr): hqq's zero points and their integer parts in the container's range."""
+        z = self._zero.numpy().astype(np.float64).reshape(self._shape)
+        return z, np.clip(np.round(z), 0, (1 << self._container) - 1)
+
+    def packed_zero_points(self) -> np.ndarray:
+        return pack_canonical(self._zeros()[1].astype(np.uint8), self._container).reshape(-1)
+
+    def correction(self) -> np.ndarray:
+        z, zr = self._zeros()
+        return (zr - z) * self.scale
+
+    def needs_correction(self) -> bool:
+        return bool(np.any(self.correction() != 0))
+
+
+def _const(value: ir.Value | None, node: ir.Node) -> ir.TensorProtocol:
     if value is None or value.const_value is None:
         raise HQExportError(f"layer {node.name}: packed weights, scale and zero must be initializers to lower it")
-    return value.const_value.numpy()
+    return value.const_value

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hqexport.formats import codes_per_word, pack_canonical, storage_bits, unpack_codes
+from hqexport.formats import canonical_shape, codes_per_word, pack_canonical, storage_bits, unpack_codes
+from hqexport.formats.canonical import word_dtype
 from hqexport.formats.codes import grouped_shape, packed_as_numpy
 from hqexport.model import QuantizedLinear
 from hqexport.ops.schema import DOMAIN, OP_TYPE, SINCE_VERSION, register_schema
@@ -80,12 +81,23 @@ def canonical_weight(layer: QuantizedLinear) -> np.ndarray:
     return pack_canonical(codes, storage_bits(layer.fmt))
 
 
-def op_inputs(layer: QuantizedLinear, act_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor | None], dict[str, int]]:
+def canonical_weight_meta(layer: QuantizedLinear) -> torch.Tensor:
+    """An empty meta tensor with the shape and dtype `canonical_weight(layer)` will have."""
+    bits = storage_bits(layer.fmt)
+    dtype = torch.uint32 if word_dtype(bits) == np.uint32 else torch.uint8
+    return torch.empty(canonical_shape(layer.out_features, layer.in_features, bits), dtype=dtype, device="meta")
+
+
+def op_inputs(
+    layer: QuantizedLinear, act_dtype: torch.dtype, *, defer_weight: bool = False
+) -> tuple[dict[str, torch.Tensor | None], dict[str, int]]:
     """Tensors {"weight", "scale", "zero", "bias"} and int attributes {"N", "K", "bits", "group_size", "axis"}.
 
     scale and zero keep hqq's shape and the layer's compute dtype; bias (or None) is cast to `act_dtype`.
+    With `defer_weight` the weight is `canonical_weight_meta(layer)` (no data).
     """
-    weight = torch.from_numpy(canonical_weight(layer))  # torch.uint8, or torch.uint32 for bits 3
+    # torch.uint8, or torch.uint32 for bits 3
+    weight = canonical_weight_meta(layer) if defer_weight else torch.from_numpy(canonical_weight(layer))
     groups = grouped_shape(layer.out_features, layer.in_features, layer.fmt)
     scale_shape = (groups[0], 1) if layer.fmt.axis == 1 else (1, groups[1])
     tensors = {

@@ -27,7 +27,7 @@ def load_pickle(path: Path) -> dict[str, dict]:
     if not zipfile.is_zipfile(path):
         raise HQExportError("is not a torch.save zip archive (truncated, or not written by torch.save)", path)
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         what = f" (it asks for {found.group(1)})" if found else ""
