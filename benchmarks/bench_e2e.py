@@ -43,7 +43,7 @@ VARIANTS = {
     "onnx-fp32": "ONNX fp32 (torch.onnx of the same model)",
     "ort-hqq-quantizer": "ORT HQQ quantizer on the fp32 ONNX (MatMulNBits, float zp)",
     "hqexport-auto": "hqexport --ops auto (MatMulNBits, uint8 zp + correction)",
-    "hqexport-auto-acc4": "the same graph with MatMulNBits accuracy_level 4 (int8 activations)",
+    "hqexport-auto-acc4": "convert --accuracy-level 4: MatMulNBits with int8 activations (lossy)",
     "hqexport-hqq": "hqexport --ops hqq (function body, default session)",
     "hqexport-kernels": "hqexport --ops hqq + compiled kernel library",
 }
@@ -347,7 +347,11 @@ def source_tokens(source: Path, count: int) -> list[int]:
 
 
 def with_accuracy_level(folder: Path, out: Path, level: int) -> None:
-    """A copy of an exported folder whose MatMulNBits nodes carry `level` (the weights file is hard-linked)."""
+    """A copy of an exported folder whose MatMulNBits nodes carry `level` (the weights file is hard-linked).
+
+    Its graph is the one `convert --accuracy-level LEVEL` writes (that option sets only this attribute), without
+    a third multi-minute convert.
+    """
     import onnx
 
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
@@ -435,7 +439,9 @@ def main() -> None:
     os.environ.setdefault("COLUMNS", "160")  # rich would squeeze the table to 80 columns without a terminal
     out = args.out or RESULTS / ("e2e-tiny.json" if args.tiny else "e2e.json")
     if args.work:
-        args.work.mkdir(parents=True, exist_ok=args.reuse)
+        if not args.reuse and args.work.is_dir() and any(args.work.iterdir()):
+            parser.error(f"--work {args.work} is not empty: pass --reuse to reuse the models in it, or name an empty folder")
+        args.work.mkdir(parents=True, exist_ok=True)
         benchmark(args, args.work, selected, out)
     else:
         with tempfile.TemporaryDirectory(prefix="hqexport-bench-") as work:

@@ -79,13 +79,21 @@ def inspect(path: Path, as_json: bool) -> None:
     help="auto: onnxruntime's MatMulNBits where it expresses a layer exactly, hqexport.HQQMatMul elsewhere; "
     "hqq: hqexport.HQQMatMul everywhere; ort: MatMulNBits everywhere (error if a layer cannot be).",
 )
+@click.option(
+    "--accuracy-level",
+    type=click.Choice(["0", "4"]),
+    default="0",
+    show_default=True,
+    help="accuracy_level of the MatMulNBits nodes. 0: fp32 compute, exact. 4: activations quantized to int8 per "
+    "block: faster decode on CPU, but no longer HQQ's result (validate reports how far it moved).",
+)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="dtype of activations and fp weights.")
 @click.option("--opset", type=int, help="ONNX opset (default 20; 18-23).")
 @click.option("--force", is_flag=True, help="Replace OUT if it holds an earlier hqexport output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def convert(
-    source: Path, out: Path, adapters: tuple[str, ...], adapter_mode: str | None, ops: str, dtype: str,
-    opset: int | None, force: bool, as_json: bool,
+    source: Path, out: Path, adapters: tuple[str, ...], adapter_mode: str | None, ops: str, accuracy_level: str,
+    dtype: str, opset: int | None, force: bool, as_json: bool,
 ) -> None:
     """Export an HQQ model folder (and its LoRA adapters) to an ONNX folder.
 
@@ -95,8 +103,8 @@ def convert(
     from hqexport.convert import convert as run_convert
 
     summary = run_convert(
-        source, out, dtype=dtype, opset=opset, ops=ops, adapters=adapters, adapter_mode=adapter_mode,
-        force=force, progress=not as_json,
+        source, out, dtype=dtype, opset=opset, ops=ops, accuracy_level=int(accuracy_level), adapters=adapters,
+        adapter_mode=adapter_mode, force=force, progress=not as_json,
     )
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))

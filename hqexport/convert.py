@@ -40,6 +40,8 @@ from hqexport.write.onnx_file import write_onnx
 
 GENAI_CONFIG_FILE = "genai_config.json"
 OPS = ("auto", "hqq", "ort")
+#: MatMulNBits accuracy_level: 0 computes in fp32 (exact); 4 quantizes activations to int8 (faster, lossy)
+ACCURACY_LEVELS = (0, 4)
 #: below this share of the adapter's delta surviving re-quantization, merge warns that the fine-tune is lost
 LOW_RETENTION = 0.5
 HQQ_OP = f"{DOMAIN}.{OP_TYPE}"
@@ -71,6 +73,7 @@ def convert(
     dtype: str = "fp32",
     opset: int | None = None,
     ops: str = "auto",
+    accuracy_level: int = 0,
     adapters: Sequence[str] = (),
     adapter_mode: str | None = None,
     force: bool = False,
@@ -80,7 +83,8 @@ def convert(
 
     adapters: `[NAME=]PATH` arguments (PEFT adapter folders); adapter_mode: separate (default with adapters),
     bake or merge. ops: auto (MatMulNBits where it is exact, hqexport op elsewhere), hqq (hqexport op
-    everywhere) or ort (MatMulNBits everywhere, an error for a layer it cannot express).
+    everywhere) or ort (MatMulNBits everywhere, an error for a layer it cannot express). accuracy_level: of the
+    MatMulNBits nodes (ACCURACY_LEVELS); 4 trades HQQ's exact result for int8 activations.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -88,6 +92,10 @@ def convert(
         raise HQExportError(f"dtype {dtype!r} is not supported; choose {', '.join(DTYPES)}")
     if ops not in OPS:
         raise HQExportError(f"--ops {ops!r} is not supported; choose {', '.join(OPS)}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise HQExportError(f"--accuracy-level {accuracy_level} is not supported; choose {', '.join(map(str, ACCURACY_LEVELS))}")
+    if accuracy_level and ops == "hqq":
+        raise HQExportError("--accuracy-level sets how MatMulNBits computes; --ops hqq writes no MatMulNBits node")
     if adapter_mode is not None and adapter_mode not in MODES:
         raise HQExportError(f"--adapters {adapter_mode!r} is not supported; choose {', '.join(MODES)}")
     if adapter_mode is not None and not adapters:
@@ -127,7 +135,7 @@ def convert(
                 adapter_manifest = adapter_export.manifest
         if ops != "hqq":
             with steps(f"Lowering to MatMulNBits where exact (--ops {ops})"):
-                _lower(graph, layer_ops, ops)
+                _lower(graph, layer_ops, ops, accuracy_level)
         with steps("Writing model.onnx, model.onnx.data and checking them"):
             write_onnx(graph.model, staging)
             if adapter_export is not None:
@@ -199,9 +207,9 @@ def _check_all_lowerable(qmodel: QuantizedModel) -> None:
             raise HQExportError(f"--ops ort: layer {path} ({layer.fmt.label}) cannot run as MatMulNBits: {blocker}")
 
 
-def _lower(graph: ExportedGraph, layer_ops: dict[str, dict[str, Any]], ops: str) -> None:
+def _lower(graph: ExportedGraph, layer_ops: dict[str, dict[str, Any]], ops: str, accuracy_level: int) -> None:
     """Run the MatMulNBits lowering and record, per layer, which op now computes it."""
-    lowering = LowerToMatMulNBits(ops)
+    lowering = LowerToMatMulNBits(ops, accuracy_level)
     lowering(graph.model)
     for entry in layer_ops.values():
         decision = lowering.decisions[entry["node"]]

@@ -102,6 +102,28 @@ def test_validate_passes_on_the_default_cli_export(source, lora_adapter, tmp_pat
     assert checks[f"adapter:{ADAPTER}"]["status"] == "PASS"
 
 
+def test_accuracy_level_4_is_recorded_and_validate_measures_what_it_costs(source, tmp_path):
+    """--accuracy-level 4: every MatMulNBits node quantizes activations; the weights still decode within tolerance,
+    the logits do not, and validate says why."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(out), "--accuracy-level", "4"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "hqexport.json").read_text())
+    assert {entry["lowering"]["accuracy_level"] for entry in manifest["layers"].values()} == {4}
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    levels = [onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
+    assert levels == [4] * 14
+    report = validate(out, **QUICK)
+    checks = _checks(report)
+    assert checks["weights"].passed
+    logits = checks["logits"]  # int8 activations move the logits far past the exact export's tolerance
+    assert not logits.passed and logits.figures["relative"] > 10 * logits.threshold["relative"]
+    assert not report.passed
+    assert any("int8 activations" in note for note in report.notes)
+    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(tmp_path / "hqq"), "--ops", "hqq", "--accuracy-level", "4"])
+    assert result.exit_code == 2 and "--ops hqq writes no MatMulNBits node" in result.stderr
+
+
 def test_flipped_weight_byte_fails_naming_the_layer(exported, tmp_path):
     out = _copy(exported, tmp_path)
     _, tensor = _layer_initializer(out, FLIPPED, "weight")

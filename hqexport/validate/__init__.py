@@ -120,6 +120,12 @@ def validate(
     kernels = onnx_model.kernels
     if any(entry.get("op") == "hqexport.HQQMatMul" for entry in exported.layers.values()):
         notes.append(f"hqexport ops ran on the compiled kernels {kernels}" if kernels else "hqexport ops ran as their ONNX function body")
+    int8_layers = sum(1 for entry in exported.layers.values() if entry.get("lowering", {}).get("accuracy_level") == 4)
+    if int8_layers:
+        notes.append(
+            f"{int8_layers} MatMulNBits layers compute with int8 activations (convert --accuracy-level 4): they are "
+            "not HQQ's exact result, so the logits, generation and perplexity checks measure that loss"
+        )
     report = Report(str(exported.folder), str(source), provider, dtype, notes=notes)
     checks: list[tuple[str, Callable[[], CheckResult]]] = [
         ("weights", lambda: check_weights(ctx)),
