@@ -97,8 +97,9 @@ def convert(
 ) -> None:
     """Export an HQQ model folder (and its LoRA adapters) to an ONNX folder.
 
-    Writes model.onnx + model.onnx.data, adapters/NAME.onnx_adapter, the tokenizer files, genai_config.json
-    and hqexport.json (the manifest: versions, checksums, the op chosen per layer, adapters).
+    Writes model.onnx + model.onnx.data, adapters/NAME.onnx_adapter, the tokenizer files, config.json (the
+    architecture, without the quantization settings), genai_config.json and hqexport.json (the manifest:
+    versions, checksums, the op chosen per layer, adapters).
     """
     from hqexport.convert import convert as run_convert
 

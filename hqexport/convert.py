@@ -3,7 +3,7 @@
 read -> adapters (merge re-quantizes before export) -> rebuild (transformers model, HQQ linears as hqexport
 op modules) -> export (torch.onnx dynamo) -> adapters (separate / bake add LoRA branches to the graph) ->
 lower (--ops: MatMulNBits where exact) -> write (model.onnx + data, adapters/*.onnx_adapter, tokenizer
-files, genai_config.json, hqexport.json) into a staging folder that becomes OUT only when complete.
+files, config.json, genai_config.json, hqexport.json) into a staging folder that becomes OUT only when complete.
 The weights are read from the source only as each one is written (export/rebuild.py `rebuild_deferred`).
 """
 
@@ -142,6 +142,7 @@ def convert(
                 adapter_export.write_files(staging)
         for path in qmodel.tokenizer_files:
             shutil.copy2(path, staging / path.name)
+        causal_lm.config.save_pretrained(staging)  # config.json: what transformers-based runtimes (optimum) read
         (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(causal_lm.config, io), indent=2))
         outputs = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         architecture = type(causal_lm).__name__

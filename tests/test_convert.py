@@ -256,7 +256,8 @@ def test_lowering_choices_follow_the_formats(exported: Exported):
 def test_output_folder_contents_and_source_untouched(exported: Exported):
     names = sorted(p.name for p in exported.out.iterdir())
     assert names == sorted(
-        ["model.onnx", "model.onnx.data", "genai_config.json", "hqexport.json", "tokenizer.json", "tokenizer_config.json"]
+        ["model.onnx", "model.onnx.data", "config.json", "genai_config.json", "hqexport.json", "tokenizer.json",
+         "tokenizer_config.json"]
     )
     assert not [p for p in exported.out.parent.iterdir() if p.name.startswith(".")], "staging folders left behind"
     manifest = json.loads((exported.out / "hqexport.json").read_text())
@@ -268,6 +269,10 @@ def test_output_folder_contents_and_source_untouched(exported: Exported):
     assert genai["type"] == config.model_type
     assert genai["decoder"]["num_hidden_layers"] == config.num_hidden_layers
     assert genai["decoder"]["num_key_value_heads"] == config.num_key_value_heads
+    written = json.loads((exported.out / "config.json").read_text())  # the architecture, not the quantization
+    assert "quantization_config" not in written
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
+        assert written[key] == getattr(config, key), key
     assert exported.summary["onnx_bytes"] == sum((exported.out / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
 
 
