@@ -6,7 +6,9 @@ A user mistake (HQExportError) prints one line on stderr and exits 2; a failed v
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -16,14 +18,24 @@ from hqexport.errors import HQExportError
 
 
 class _Group(click.Group):
-    """Turns our errors into one line and exit code 2 instead of a traceback."""
+    """Turns our errors into one line and exit code 2 instead of a traceback, and SIGTERM into a clean stop."""
 
     def invoke(self, ctx: click.Context):  # noqa: D102
+        previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
         try:
             return super().invoke(ctx)
         except HQExportError as error:
             click.echo("hqexport: error: " + " ".join(str(error).split()), err=True)  # always one line
             sys.exit(error.exit_code)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(signum: int, _frame: object) -> None:
+    """SIGTERM (a pipeline's timeout, `kill`) unwinds like Ctrl-C does, so convert removes its staging folder."""
+    click.echo(f"hqexport: stopped by {signal.Signals(signum).name}", err=True)
+    raise SystemExit(128 + signum)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -532,6 +532,24 @@ def test_sigkill_mid_write_leaves_no_output_and_the_next_convert_cleans_up(hqq_s
     assert (out / MANIFEST_FILE).is_file()
 
 
+def test_sigterm_mid_write_removes_the_staging_folder(hqq_source, out):
+    """SIGTERM (a CI timeout, `kill`) stops convert like Ctrl-C: exit 143, one line, nothing left behind."""
+    source = hqq_source("llama", "pickle", **FORMATS["4bit"])
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CONVERT, str(source), str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        assert [p.name for p in out.parent.iterdir() if p.name.startswith(".onnx.partial-")]
+    finally:
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM
+    assert stderr.strip().splitlines()[-1] == "hqexport: stopped by SIGTERM"  # after the progress lines
+    assert os.listdir(out.parent) == []
+
+
 def test_running_convert_keeps_its_staging_folder(out):
     """A staging folder whose convert is alive (its lock held) is not removed by another convert to OUT."""
     from hqexport.write.folder import _lock, remove_stale_staging
