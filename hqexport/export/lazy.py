@@ -13,7 +13,9 @@ import numpy as np
 import onnx_ir as ir
 
 
-def lazy_tensor(name: str, dtype: ir.DataType | np.dtype | type, shape: Sequence[int], load: Callable[[], np.ndarray]) -> ir.LazyTensor:
+def lazy_tensor(
+    name: str, dtype: ir.DataType | np.dtype | type, shape: Sequence[int], load: Callable[[], np.ndarray]
+) -> ir.LazyTensor:
     """An ir.LazyTensor named `name` whose data is `load()`, checked against `dtype` and `shape`."""
     dtype = dtype if isinstance(dtype, ir.DataType) else ir.DataType.from_numpy(np.dtype(dtype))
     shape = tuple(int(dim) for dim in shape)

@@ -25,6 +25,7 @@ from hqexport.errors import HQExportError
 from hqexport.export.decoder import DecoderWithCache
 from hqexport.export.lazy import lazy_tensor
 from hqexport.export.quant_linear import BUFFER_NAMES, HQQMatMulLinear
+from hqexport.export.rebuild import is_placeholder
 from hqexport.ops.function import MAX_OPSET, MIN_OPSET
 from hqexport.ops.schema import DOMAIN, OP_TYPE
 from hqexport.ops.torch_op import translation_table
@@ -119,14 +120,14 @@ def _rename_initializers(model: ir.Model) -> None:
 
 
 def _defer_initializers(model: ir.Model, loaders: Mapping[str, Callable[[], np.ndarray]]) -> None:
-    """Replace each initializer that has a loader by a LazyTensor calling it (it must give the declared shape and dtype)."""
+    """Replace each initializer that has a loader by a LazyTensor calling it (checked against its shape and dtype)."""
     for value in model.graph.initializers.values():
         tensor = value.const_value
         if tensor is None:
             continue
         if value.name not in loaders:
-            if getattr(tensor.raw, "is_meta", False):
-                raise RuntimeError(f"initializer {value.name} has no data and no loader")
+            if isinstance(tensor.raw, torch.Tensor) and is_placeholder(tensor.raw):
+                raise RuntimeError(f"initializer {value.name} has no data and no loader")  # never write zeros
             continue
         value.const_value = lazy_tensor(value.name, tensor.dtype, tuple(tensor.shape), loaders[value.name])
 
@@ -150,7 +151,9 @@ def _fold_deferred_transposes(model: ir.Model) -> None:
         perm = node.attributes.get_ints("perm", list(reversed(range(len(lazy.shape)))))
         name = f"{source.name}.transposed"
         shape = ir.Shape([lazy.shape[axis] for axis in perm])
-        tensor = lazy_tensor(name, lazy.dtype, shape, lambda lazy=lazy, perm=perm: np.ascontiguousarray(lazy.numpy().transpose(perm)))
+        tensor = lazy_tensor(
+            name, lazy.dtype, shape, lambda lazy=lazy, perm=perm: np.ascontiguousarray(lazy.numpy().transpose(perm))
+        )
         folded = ir.Value(name=name, shape=shape, type=ir.TensorType(lazy.dtype), const_value=tensor)
         graph.register_initializer(folded)
         ir.convenience.replace_all_uses_with(node.outputs[0], folded)

@@ -121,7 +121,8 @@ def _placeholder(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros((), dtype=dtype).expand(shape)
 
 
-def _is_placeholder(tensor: torch.Tensor) -> bool:
+def is_placeholder(tensor: torch.Tensor) -> bool:
+    """A meta tensor, or a `_placeholder`: a weight without data."""
     return tensor.is_meta or (tensor.numel() > 1 and not any(tensor.stride()))
 
 
@@ -156,7 +157,7 @@ def rebuild_deferred(qmodel: QuantizedModel, dtype: str = "fp32") -> tuple[torch
         by_tensor[id(model.get_submodule(path).weight_packed)] = lambda layer=layer: canonical_weight(layer)
     named = model.state_dict(keep_vars=True)
     for key, value in qmodel.tensors.items():
-        if key in named and _is_placeholder(named[key]):
+        if key in named and is_placeholder(named[key]):
             by_tensor[id(named[key])] = lambda value=value: value.to(torch_dtype).numpy()
     loaders: Loaders = {}
     for name, tensor in named.items():  # a tied lm_head shares the embedding's tensor, and so its loader

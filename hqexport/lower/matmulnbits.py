@@ -97,8 +97,10 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
     @staticmethod
-    def _grouped_shape(a: ir.Value, add: Callable[..., ir.Value], initializer: Callable[..., ir.Value], blocks: int, group_size: int) -> ir.Value:
-        """Reshape's target [..., blocks, group_size] for the input: a constant when its rank is known (0 copies a dim)."""
+    def _grouped_shape(
+        a: ir.Value, add: Callable[..., ir.Value], initializer: Callable[..., ir.Value], blocks: int, group_size: int
+    ) -> ir.Value:
+        """Reshape's target [..., blocks, group_size] for `a`: a constant when its rank is known (0 copies a dim)."""
         if a.shape is not None:
             return initializer("group_shape", np.array([0] * (len(a.shape) - 1) + [blocks, group_size], np.int64))
         leading = add("Shape", [a], end=-1)
@@ -120,8 +122,10 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         new_nodes: list[ir.Node] = []
         names: dict[str, str] = {}
 
-        def initializer(suffix: str, data: np.ndarray | Callable[[], np.ndarray], dtype: np.dtype | None = None, shape: tuple[int, ...] = ()) -> ir.Value:
-            """A new initializer; `data` is an array or, for the per-layer tensors, a function computing it when written."""
+        def initializer(
+            suffix: str, data: np.ndarray | Callable[[], np.ndarray], dtype: type | None = None, shape: tuple[int, ...] = ()
+        ) -> ir.Value:
+            """A new initializer: `data` is an array, or a function computing it when written (with its dtype, shape)."""
             name = names[suffix] = f"{prefix}.{suffix}"
             tensor = lazy_tensor(name, dtype, shape, data) if callable(data) else ir.tensor(data, name=name)
             value = ir.Value(name=name, const_value=tensor)
