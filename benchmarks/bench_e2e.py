@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -347,7 +348,7 @@ def source_tokens(source: Path, count: int) -> list[int]:
 
 
 def with_accuracy_level(folder: Path, out: Path, level: int) -> None:
-    """A copy of an exported folder whose MatMulNBits nodes carry `level` (the weights file is hard-linked).
+    """A copy of an exported folder whose MatMulNBits nodes carry `level`.
 
     Its graph is the one `convert --accuracy-level LEVEL` writes (that option sets only this attribute), without
     a third multi-minute convert.
@@ -362,7 +363,8 @@ def with_accuracy_level(folder: Path, out: Path, level: int) -> None:
             node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", level)])
     out.mkdir()
     onnx.save(model, str(out / "model.onnx"))
-    os.link(folder / "model.onnx.data", out / "model.onnx.data")
+    # a copy, not a hard link: onnx refuses external data with several links, so validate could not read either
+    shutil.copyfile(folder / "model.onnx.data", out / "model.onnx.data")
 
 
 #: what each variant needs built: (artifact, path inside the work folder)

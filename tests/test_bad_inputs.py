@@ -511,20 +511,26 @@ main(["convert", sys.argv[1], "-o", sys.argv[2], "--ops", "hqq"])
 """
 
 
-def test_sigkill_mid_write_leaves_no_output_and_the_next_convert_cleans_up(hqq_source, out):
-    """SIGKILL cannot be caught: the staging folder stays, OUT never appears; the next convert removes it."""
-    source = hqq_source("llama", "pickle", **FORMATS["4bit"])
+def _stop_convert_mid_write(source: Path, out: Path, signum: int) -> tuple[int, str, list[Path]]:
+    """Run KILLED_CONVERT in a child and send it `signum` while it writes: (exit code, stderr, staging folders then)."""
     child = subprocess.Popen(
         [sys.executable, "-c", KILLED_CONVERT, str(source), str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, text=True,
     )
     try:
         assert child.stdout.readline().strip() == "writing"
         staging = [p for p in out.parent.iterdir() if p.name.startswith(".onnx.partial-")]
-        assert len(staging) == 1 and (staging[0] / "model.onnx.data").is_file()
     finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+        child.send_signal(signum)
+        _, stderr = child.communicate(timeout=60)
+    return child.returncode, stderr, staging
+
+
+def test_sigkill_mid_write_leaves_no_output_and_the_next_convert_cleans_up(hqq_source, out):
+    """SIGKILL cannot be caught: the staging folder stays, OUT never appears; the next convert removes it."""
+    source = hqq_source("llama", "pickle", **FORMATS["4bit"])
+    _, _, staging = _stop_convert_mid_write(source, out, signal.SIGKILL)
+    assert len(staging) == 1 and (staging[0] / "model.onnx.data").is_file()
     assert not out.exists() and staging[0].exists()
     result = CliRunner().invoke(main, ["convert", str(source), "-o", str(out), "--ops", "hqq", "--json"])
     assert result.exit_code == 0, result.output
@@ -535,17 +541,9 @@ def test_sigkill_mid_write_leaves_no_output_and_the_next_convert_cleans_up(hqq_s
 def test_sigterm_mid_write_removes_the_staging_folder(hqq_source, out):
     """SIGTERM (a CI timeout, `kill`) stops convert like Ctrl-C: exit 143, one line, nothing left behind."""
     source = hqq_source("llama", "pickle", **FORMATS["4bit"])
-    child = subprocess.Popen(
-        [sys.executable, "-c", KILLED_CONVERT, str(source), str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, text=True,
-    )
-    try:
-        assert child.stdout.readline().strip() == "writing"
-        assert [p.name for p in out.parent.iterdir() if p.name.startswith(".onnx.partial-")]
-    finally:
-        child.send_signal(signal.SIGTERM)
-        _, stderr = child.communicate(timeout=60)
-    assert child.returncode == 128 + signal.SIGTERM
+    code, stderr, staging = _stop_convert_mid_write(source, out, signal.SIGTERM)
+    assert len(staging) == 1
+    assert code == 128 + signal.SIGTERM
     assert stderr.strip().splitlines()[-1] == "hqexport: stopped by SIGTERM"  # after the progress lines
     assert os.listdir(out.parent) == []
 
