@@ -41,6 +41,9 @@ inline v8f load8(const float* p) {
 
 inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 
+// The sum of the 8 lanes, always in this order (pairs, then pairs of pairs), so every path rounds alike.
+inline float hsum(v8f s) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); }
+
 inline float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
@@ -188,7 +191,7 @@ inline float dot(const float* a, const float* b, int64_t len) {
   }
   for (; i + 8 <= len; i += 8) s0 += load8(a + i) * load8(b + i);
   const v8f s = (s0 + s1) + (s2 + s3);
-  float total = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  float total = hsum(s);
   for (; i < len; ++i) total += a[i] * b[i];
   return total;
 }
@@ -359,8 +362,7 @@ inline void fast_rows(const FastJob& job, int64_t n0) {
       }
     }
     for (int r = 0; r < R; ++r) {
-      const v8f t = total[r];
-      const float dot = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+      const float dot = hsum(total[r]);
       job.Y[m * p.N + n0 + r] = dot - offset[r];
     }
   }
@@ -374,8 +376,6 @@ void fast_task(void* data, size_t task) {
   for (; n + kFastRows <= end; n += kFastRows) fast_rows<Word, BITS, PER, kFastRows>(job, n);
   for (; n < end; ++n) fast_rows<Word, BITS, PER, 1>(job, n);
 }
-
-int codes_per_word(int bits) { return bits == 3 ? 10 : 8 / bits; }
 
 // The factorized path applies: see above. fp16/bf16 compute dtypes and fp16 activations keep exact dequantization.
 bool fast_applies(const Problem& p) {
@@ -400,7 +400,7 @@ void (*pick_fast(int bits))(void*, size_t) {
 }
 
 bool fast_gemv(const Problem& p, const Runner& runner) {
-  const int per = codes_per_word(p.bits);
+  const int per = static_cast<int>(codes_per_word(p.bits));
   const int64_t block = 8 * per;
   const int64_t groups_per_row = p.K / p.group_size;
   float* ablocks = static_cast<float*>(std::malloc(static_cast<size_t>(p.M * p.K) * sizeof(float)));
@@ -423,7 +423,7 @@ bool fast_gemv(const Problem& p, const Runner& runner) {
       v8f s = {};
       const float* ag = a + gi * p.group_size;
       for (int64_t k = 0; k < p.group_size; k += 8) s += load8(ag + k);
-      asums[m * groups_per_row + gi] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+      asums[m * groups_per_row + gi] = hsum(s);
     }
   }
   FastJob job{&p, ablocks, asums, static_cast<float*>(p.Y)};

@@ -47,8 +47,6 @@ std::string shape_text(const std::vector<int64_t>& shape) {
   return out.str();
 }
 
-int64_t codes_per_word(int64_t bits) { return bits == 3 ? 10 : 8 / bits; }
-
 // Attribute checks, at session creation.
 std::string check_attrs(const Attrs& a) {
   if (a.N <= 0 || a.K <= 0) return "N and K must be positive";

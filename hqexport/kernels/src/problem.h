@@ -27,6 +27,9 @@ struct Problem {
   void* Y = nullptr;
 };
 
+// Codes per word of W: 10 for bits 3 (uint32 words, bits 30-31 unused), else 8 / bits (uint8 words).
+inline int64_t codes_per_word(int64_t bits) { return bits == 3 ? 10 : 8 / bits; }
+
 // Runs fn(data, i) for i in [0, total), possibly in parallel (onnxruntime's intra-op pool, or a plain loop).
 struct Runner {
   void* ctx;
