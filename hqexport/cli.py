@@ -25,7 +25,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except HQExportError as error:
-            click.echo("hqexport: error: " + " ".join(str(error).split()), err=True)  # always one line
+            click.echo(f"hqexport: error: {error}", err=True)  # one line: HQExportError keeps it so
             sys.exit(error.exit_code)
         finally:
             if previous is not None:

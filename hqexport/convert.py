@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -224,10 +225,7 @@ def _lower(graph: ExportedGraph, layer_ops: dict[str, dict[str, Any]], ops: str,
 
 
 def _count_ops(layer_ops: dict[str, dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for entry in layer_ops.values():
-        counts[entry["op"]] = counts.get(entry["op"], 0) + 1
-    return counts
+    return dict(Counter(entry["op"] for entry in layer_ops.values()))
 
 
 def _exported_bytes(causal_lm: torch.nn.Module) -> tuple[int, int]:

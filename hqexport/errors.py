@@ -6,14 +6,19 @@ from pathlib import Path
 
 
 class HQExportError(Exception):
-    """A problem with the user's input: a file, a flag, a model we cannot handle."""
+    """A problem with the user's input: a file, a flag, a model we cannot handle.
+
+    The message is kept on one line (runs of whitespace, newlines included, become one space): it often quotes a
+    library's error about a damaged file, which may span lines or hold the file's own bytes.
+    """
 
     exit_code = 2
 
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
-        self.message = message
-        super().__init__(f"{self.path}: {message}" if self.path is not None else message)
+        self.message = " ".join(message.split())
+        text = f"{self.path}: {self.message}" if self.path is not None else self.message
+        super().__init__(" ".join(text.split()))
 
 
 class UnsupportedModelError(HQExportError):

@@ -148,7 +148,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise HQExportError(f"missing {CONFIG_FILE}", folder) from None
     except (OSError, ValueError) as err:
-        raise HQExportError(f"cannot read: {' '.join(str(err).split())}", file) from None
+        raise HQExportError(f"cannot read: {err}", file) from None
     if not isinstance(config, dict):
         raise HQExportError("is not a JSON object", file)
     peft_type = config.get("peft_type", "LORA")
@@ -247,7 +247,7 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except (SafetensorError, OSError) as err:
-        raise HQExportError(f"cannot read: {' '.join(str(err).split())}", file) from None
+        raise HQExportError(f"cannot read: {err}", file) from None
 
 
 def split_weight_key(key: str, file: Path) -> tuple[str, str]:

@@ -29,11 +29,6 @@ _DTYPES = {
 }
 
 
-def _one_line(error: Exception) -> str:
-    """A library's message about a damaged file, which may quote the file's own bytes, on one line."""
-    return " ".join(str(error).split())
-
-
 def _ascii(value: torch.Tensor) -> str:
     if value.dtype != torch.uint8 or value.dim() != 1:
         raise ValueError(f"expected a 1-D uint8 ASCII tensor, got {value.dtype} {list(value.shape)}")
@@ -120,7 +115,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise HQExportError(f"is not a readable safetensors file ({_one_line(error)})", path) from None
+        raise HQExportError(f"is not a readable safetensors file ({error})", path) from None
 
 
 def has_hqq_layers(files: list[Path]) -> bool:
@@ -131,7 +126,7 @@ def has_hqq_layers(files: list[Path]) -> bool:
                 if any(key.endswith(".W_q") for key in handle.keys()):
                     return True
         except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-            raise HQExportError(f"is not a readable safetensors file ({_one_line(error)})", path) from None
+            raise HQExportError(f"is not a readable safetensors file ({error})", path) from None
     return False
 
 

@@ -80,7 +80,7 @@ def open_exported(folder: Path) -> Exported:
     try:
         graph = onnx.load(str(model_path), load_external_data=False)
     except Exception as error:  # noqa: BLE001 - protobuf raises DecodeError and others
-        raise HQExportError(f"cannot be parsed as ONNX: {' '.join(str(error).split())}", model_path) from None
+        raise HQExportError(f"cannot be parsed as ONNX: {error}", model_path) from None
     check_external_data(graph, folder)
     return Exported(folder, manifest, graph)
 
