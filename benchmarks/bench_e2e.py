@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, median_seconds, memory_bandwidth_gbs, report  # noqa: E402
+from common import RESULTS, median_seconds, memory_bandwidth_gbs, report, status_kib  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -94,9 +94,7 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+    return status_kib("VmHWM") * 1024
 
 
 # ---------------------------------------------------------------- artifacts

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: timing, memory bandwidth, results table + JSON."""
+"""Shared pieces of the benchmark scripts: timing, memory bandwidth, process memory, results table + JSON."""
 
 from __future__ import annotations
 
@@ -32,6 +32,17 @@ def memory_bandwidth_gbs(megabytes: int = 512) -> float:
     buffer = np.ones(megabytes * 2**20 // 8, dtype=np.float64)
     seconds = median_seconds(buffer.sum, warmup=1, repeats=5)
     return buffer.nbytes / seconds / 1e9
+
+
+def status_kib(field: str, pid: int | str = "self") -> int:
+    """One memory figure of /proc/PID/status (VmHWM, RssAnon, ...) in KiB; 0 once the process has exited."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def machine() -> dict:

@@ -31,9 +31,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hqexport.formats.codes import grouped_shape
-from hqexport.formats.packing import PACKINGS
-from hqexport.model import HQQFormat
+sys.path.insert(0, str(Path(__file__).parent))
+from common import status_kib  # noqa: E402
+from hqexport.formats.codes import grouped_shape  # noqa: E402
+from hqexport.formats.packing import PACKINGS  # noqa: E402
+from hqexport.model import HQQFormat  # noqa: E402
 
 #: Llama-2-7B
 LLAMA_7B = dict(
@@ -146,7 +148,7 @@ def measure_convert(source: Path, out: Path, extra: list[str]) -> dict:
         child = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
         peak_anon_kib = 0
         while child.poll() is None:
-            peak_anon_kib = max(peak_anon_kib, _anonymous_kib(child.pid))
+            peak_anon_kib = max(peak_anon_kib, status_kib("RssAnon", child.pid))
             time.sleep(0.1)
         stdout.seek(0), stderr.seek(0)
         result = subprocess.CompletedProcess(command, child.returncode, stdout.read(), stderr.read())
@@ -168,17 +170,6 @@ def measure_convert(source: Path, out: Path, extra: list[str]) -> dict:
         "fp_gib": round(summary["fp_bytes"] / 2**30, 2),
         "convert_seconds": summary["seconds"],
     }
-
-
-def _anonymous_kib(pid: int) -> int:
-    """RssAnon of a running process, in KiB (0 once it has exited)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def main() -> None:
