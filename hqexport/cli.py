@@ -150,7 +150,8 @@ def demo(tokens: int) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report as JSON here.")
 def validate(out: Path, reference: Path | None, provider: str, prompts: Path | None, tokens: int, adapter: str | None, json_path: Path | None) -> None:
     """Check that an exported folder computes what its HQQ source computes (exit 1 when a check fails)."""
-    from hqexport.validate import read_prompts, validate as run_validate
+    from hqexport.validate import read_prompts
+    from hqexport.validate import validate as run_validate
     from hqexport.validate.report import render, write_json
 
     report = run_validate(out, reference=reference, provider=provider, prompts=read_prompts(prompts), tokens=tokens, adapter=adapter)

@@ -28,18 +28,18 @@ from hqexport.export.decoder import DecoderWithCache, decoder_io
 from hqexport.export.onnx_export import DEFAULT_OPSET, ExportedGraph, check_opset, export_decoder
 from hqexport.export.quant_linear import HQQMatMulLinear
 from hqexport.export.rebuild import DTYPES, rebuild_deferred
+from hqexport.files import DATA_FILE, GENAI_CONFIG_FILE, MANIFEST_FILE, MODEL_FILE
 from hqexport.formats import storage_bits
 from hqexport.lower import LowerToMatMulNBits, matmulnbits_blocker
 from hqexport.model import QuantizedModel
 from hqexport.ops.schema import DOMAIN, OP_TYPE
 from hqexport.read.folder import sha256
 from hqexport.read.source import read_source
-from hqexport.write.folder import MANIFEST_FILE, staged_output
+from hqexport.write.folder import staged_output
 from hqexport.write.genai_config import genai_config
 from hqexport.write.manifest import build_manifest
 from hqexport.write.onnx_file import write_onnx
 
-GENAI_CONFIG_FILE = "genai_config.json"
 OPS = ("auto", "hqq", "ort")
 #: MatMulNBits accuracy_level: 0 computes in fp32 (exact); 4 quantizes activations to int8 (faster, lossy)
 ACCURACY_LEVELS = (0, 4)
@@ -152,7 +152,7 @@ def convert(
             adapters=adapter_manifest,
         )
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        onnx_bytes = sum((staging / name).stat().st_size for name in outputs if name.startswith("model.onnx"))
+        onnx_bytes = sum((staging / name).stat().st_size for name in outputs if name in (MODEL_FILE, DATA_FILE))
 
     packed, fp = _exported_bytes(causal_lm)
     return ConvertSummary(

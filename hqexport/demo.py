@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hqexport.convert import convert
+from hqexport.files import MANIFEST_FILE
 from hqexport.sample import build_sample_model, build_tokenizer, save_hqq_pickle
 from hqexport.validate.onnx_session import OnnxDecoder
 
@@ -42,7 +43,7 @@ def torch_greedy(model: torch.nn.Module, prompt: list[int], tokens: int) -> tupl
 
 def onnx_greedy(folder: Path, prompt: list[int], tokens: int) -> tuple[list[int], np.ndarray]:
     """Greedy tokens of the exported model in onnxruntime through its KV cache, and the logits of every step."""
-    manifest = json.loads((folder / "hqexport.json").read_text())["model"]
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())["model"]
     decoder = OnnxDecoder(folder, "cpu")
     past = decoder.empty_cache(1, manifest["num_key_value_heads"], manifest["head_dim"])
     ids, generated, logits = np.array([prompt]), [], []

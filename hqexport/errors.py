@@ -23,9 +23,3 @@ class HQExportError(Exception):
 
 class UnsupportedModelError(HQExportError):
     """The model is valid but uses something hqexport cannot export exactly."""
-
-
-class ValidationFailed(Exception):
-    """The exported model does not compute what the source computes (exit code 1)."""
-
-    exit_code = 1

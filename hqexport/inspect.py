@@ -14,17 +14,17 @@ from typing import Any
 import torch
 
 from hqexport.errors import HQExportError
+from hqexport.files import MANIFEST_FILE, MODEL_FILE
 from hqexport.model import QuantizedModel
 from hqexport.read.source import read_source
 
-MANIFEST = "hqexport.json"
 _LAYER_INDEX = re.compile(r"\.\d+\.")
 
 
 def inspect_path(path: Path) -> dict[str, Any]:
     """A report on `path`: an exported folder (hqexport.json + model.onnx) or an HQQ source folder."""
     path = Path(path)
-    if (path / MANIFEST).is_file():
+    if (path / MANIFEST_FILE).is_file():
         return inspect_export(path)
     return inspect_source(path)
 
@@ -129,9 +129,9 @@ def find_adapters(path: Path) -> list[dict[str, Any]]:
 
 
 def inspect_export(path: Path) -> dict[str, Any]:
-    manifest_file = path / MANIFEST
-    if not (path / "model.onnx").is_file():
-        raise HQExportError(f"has {MANIFEST} but no model.onnx: not a complete hqexport output folder", path)
+    manifest_file = path / MANIFEST_FILE
+    if not (path / MODEL_FILE).is_file():
+        raise HQExportError(f"has {MANIFEST_FILE} but no {MODEL_FILE}: not a complete hqexport output folder", path)
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
         if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), dict):

@@ -59,10 +59,6 @@ class QuantizedLinear:
         return (self.out_features, self.in_features)
 
     @property
-    def num_groups(self) -> int:
-        return self.out_features * self.in_features // self.fmt.group_size
-
-    @property
     def packed_bytes(self) -> int:
         return self.packed.numel() * self.packed.element_size()
 

@@ -16,14 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hqexport.sample import (
-    build_sample_model,
-    build_tokenizer,
-    corpus_text,
-    quantize_config,
-    save_hqq_pickle,
-    save_hqq_safetensors,
-)
+from hqexport.sample import build_sample_model, build_tokenizer, corpus_text, quantize_config, save_hqq_pickle, save_hqq_safetensors
 
 #: Formats the fixtures are made in (issue 2: 4-bit g32 axis 1, 3-bit, 2-bit g16 axis 0, 8-bit).
 FORMATS = {

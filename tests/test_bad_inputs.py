@@ -290,7 +290,7 @@ def test_remote_code_architecture_is_refused(st_copy, out):
 
 
 def test_config_disagrees_with_the_weights(st_copy, out):
-    path = edit_config(st_copy, hidden_size=128)
+    edit_config(st_copy, hidden_size=128)
     line = convert_fails(st_copy, out)
     assert str(st_copy) in line and "model.layers.0" in line and "has shape" in line
 

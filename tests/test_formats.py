@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
 from hqq.core.bitpack import BitPack
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from hqexport.formats import (
     dequantize_numpy,

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from hqexport.adapters.peft_config import load_adapter, parse_adapter_argument
 from hqexport.errors import HQExportError
-from hqexport.formats.codes import unpack_codes
 from hqexport.formats import STORAGE_BITS
+from hqexport.formats.codes import unpack_codes
 from hqexport.read.source import read_source
 from hqexport.sample import build_sample_model
 

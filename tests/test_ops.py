@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import zlib
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort

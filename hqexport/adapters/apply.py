@@ -17,10 +17,11 @@ import onnx_ir as ir
 import torch
 
 from hqexport.adapters.graph import Branch, dora_scale_name, insert_lora_branches, lora_a_name, lora_b_name
-from hqexport.adapters.onnx_adapter import SUFFIX, check_adapter_fits, write_adapter_file
+from hqexport.adapters.onnx_adapter import check_adapter_fits, write_adapter_file
 from hqexport.adapters.peft_config import AdapterSpec
 from hqexport.adapters.values import dora_factor, lora_matmul_weights
 from hqexport.errors import HQExportError
+from hqexport.files import ADAPTER_SUFFIX, ADAPTERS_DIR
 from hqexport.model import QuantizedLinear
 
 MODES = ("separate", "bake", "merge")
@@ -35,14 +36,14 @@ class AdapterExport:
 
     def write_files(self, folder: Path) -> dict[str, Path]:
         """Write adapters/NAME.onnx_adapter under `folder` (the output folder being assembled)."""
-        target = Path(folder) / "adapters"
+        target = Path(folder) / ADAPTERS_DIR
         if self.files:
             target.mkdir(parents=True, exist_ok=True)
-        return {name: write_adapter_file(target / f"{name}{SUFFIX}", params) for name, params in self.files.items()}
+        return {name: write_adapter_file(target / f"{name}{ADAPTER_SUFFIX}", params) for name, params in self.files.items()}
 
 
 def adapter_file(name: str) -> str:
-    return f"adapters/{name}{SUFFIX}"
+    return f"{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}"
 
 
 def _check_targets(adapters: Sequence[AdapterSpec], layers: Mapping[str, Mapping[str, Any]]) -> None:

@@ -18,8 +18,6 @@ from onnx import helper
 
 from hqexport.errors import HQExportError
 
-SUFFIX = ".onnx_adapter"
-
 
 def write_adapter_file(path: Path, params: Mapping[str, np.ndarray], *, adapter_version: int = 1, model_version: int = 1) -> Path:
     adapter = ort.AdapterFormat()
@@ -71,11 +69,6 @@ def check_adapter_fits(model: onnx.ModelProto | ir.Model, params: Mapping[str, n
             raise HQExportError(f"parameter {name} has dtype {value.dtype}, the model expects {expected}", where)
         if len(shape) != value.ndim or any(isinstance(d, int) and d and d != v for d, v in zip(shape, value.shape)):
             raise HQExportError(f"parameter {name} has shape {list(value.shape)}, the model expects {shape}", where)
-
-
-def active_names(params: Mapping[str, np.ndarray]) -> set[str]:
-    """The parameters that change the output (rank > 0 factors, DoRA factors): what an adapter really touches."""
-    return {name for name, value in params.items() if value.size}
 
 
 def check_no_overlap(adapters: Mapping[str, Mapping[str, np.ndarray]]) -> None:

@@ -17,8 +17,9 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from hqexport.adapters.onnx_adapter import SUFFIX, check_adapter_fits, check_no_overlap, read_adapter_file
+from hqexport.adapters.onnx_adapter import check_adapter_fits, check_no_overlap, read_adapter_file
 from hqexport.errors import HQExportError
+from hqexport.files import ADAPTER_SUFFIX, ADAPTERS_DIR, MODEL_FILE
 
 
 class ExportedAdapters:
@@ -26,14 +27,14 @@ class ExportedAdapters:
 
     def __init__(self, folder: str | Path, *, check_model: bool = True) -> None:
         self.folder = Path(folder)
-        files = sorted((self.folder / "adapters").glob(f"*{SUFFIX}"))
+        files = sorted((self.folder / ADAPTERS_DIR).glob(f"*{ADAPTER_SUFFIX}"))
         if not files:
-            raise HQExportError("has no adapters/*.onnx_adapter files", self.folder)
-        self.parameters = {f.name[: -len(SUFFIX)]: read_adapter_file(f) for f in files}
+            raise HQExportError(f"has no {ADAPTERS_DIR}/*{ADAPTER_SUFFIX} files", self.folder)
+        self.parameters = {f.name[: -len(ADAPTER_SUFFIX)]: read_adapter_file(f) for f in files}
         if check_model:
-            model = onnx.load(str(self.folder / "model.onnx"), load_external_data=False)
+            model = onnx.load(str(self.folder / MODEL_FILE), load_external_data=False)
             for name, params in self.parameters.items():
-                check_adapter_fits(model, params, self.folder / "adapters" / f"{name}{SUFFIX}")
+                check_adapter_fits(model, params, self.folder / ADAPTERS_DIR / f"{name}{ADAPTER_SUFFIX}")
         self._loaded: dict[str, ort.LoraAdapter] = {}
 
     @property
@@ -45,7 +46,7 @@ class ExportedAdapters:
             raise HQExportError(f"no adapter named {name!r} (have: {', '.join(self.names)})", self.folder)
         if name not in self._loaded:
             loaded = ort.LoraAdapter()
-            loaded.Load(str(self.folder / "adapters" / f"{name}{SUFFIX}"))
+            loaded.Load(str(self.folder / ADAPTERS_DIR / f"{name}{ADAPTER_SUFFIX}"))
             self._loaded[name] = loaded
         return self._loaded[name]
 

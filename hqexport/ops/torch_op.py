@@ -18,8 +18,6 @@ from hqexport.formats.codes import grouped_shape, packed_as_numpy
 from hqexport.model import QuantizedLinear
 from hqexport.ops.schema import DOMAIN, OP_TYPE, SINCE_VERSION, register_schema
 
-_STORAGE_DTYPES = {torch.uint8, torch.uint32}
-
 
 def unpack_canonical_torch(weight: torch.Tensor, K: int, bits: int) -> torch.Tensor:
     """Canonical packed [N, words] -> codes [N, K] (uint8), in torch."""

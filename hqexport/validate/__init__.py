@@ -15,17 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hqexport.errors import HQExportError
+from hqexport.files import MANIFEST_FILE
 from hqexport.sample import corpus_text
 from hqexport.validate.adapters import adapt_reference, check_adapter
-from hqexport.validate.checks import (
-    PERPLEXITY_TOKENS,
-    Context,
-    check_blocks,
-    check_generation,
-    check_logits,
-    check_perplexity,
-    check_weights,
-)
+from hqexport.validate.checks import PERPLEXITY_TOKENS, Context, check_blocks, check_generation, check_logits, check_perplexity, check_weights
 from hqexport.validate.exported import open_exported, reference_source, selected_adapters
 from hqexport.validate.onnx_session import OnnxDecoder, providers_for
 from hqexport.validate.reference import load_reference
@@ -81,7 +74,7 @@ def validate(
     adapters = selected_adapters(exported, adapter)
     dtype = exported.dtype
     if dtype not in ("fp32", "fp16"):
-        raise HQExportError(f"manifest model dtype {dtype!r} is not fp32 or fp16", exported.folder / "hqexport.json")
+        raise HQExportError(f"manifest model dtype {dtype!r} is not fp32 or fp16", exported.folder / MANIFEST_FILE)
     limits = thresholds_for(dtype, provider)
     providers_for(provider)
     source = reference_source(exported, reference)

@@ -21,6 +21,7 @@ import torch
 from hqq.core.quantize import HQQLinear
 
 from hqexport.errors import HQExportError
+from hqexport.files import MANIFEST_FILE
 from hqexport.validate.checks import DECODE_STEPS, Context, logits_failures
 from hqexport.validate.metrics import difference, top1_agreement
 from hqexport.validate.reference import Reference, use_activation_dtype
@@ -31,7 +32,7 @@ from hqexport.validate.torch_session import returned_cache
 def _adapter_source(ctx_folder: Path, name: str, entry: dict[str, Any]) -> Path:
     source = entry.get("source")
     if not source or not Path(source).is_dir():
-        raise HQExportError(f"adapter {name}: its source folder {source!r} recorded in the manifest is missing", ctx_folder / "hqexport.json")
+        raise HQExportError(f"adapter {name}: its source folder {source!r} recorded in the manifest is missing", ctx_folder / MANIFEST_FILE)
     return Path(source)
 
 

@@ -16,9 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from hqexport.errors import HQExportError
-
-MANIFEST = "hqexport.json"
-MODEL = "model.onnx"
+from hqexport.files import MANIFEST_FILE, MODEL_FILE
 
 
 @dataclass
@@ -29,7 +27,7 @@ class Exported:
 
     @property
     def model_path(self) -> Path:
-        return self.folder / MODEL
+        return self.folder / MODEL_FILE
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -65,18 +63,18 @@ def open_exported(folder: Path) -> Exported:
     folder = Path(folder)
     if not folder.is_dir():
         raise HQExportError("exported folder not found", folder)
-    manifest_path = folder / MANIFEST
+    manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise HQExportError(f"has no {MANIFEST}; is it a folder written by `hqexport convert`?", folder)
+        raise HQExportError(f"has no {MANIFEST_FILE}; is it a folder written by `hqexport convert`?", folder)
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise HQExportError(f"is not valid JSON: {error}", manifest_path) from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), dict):
         raise HQExportError("has no 'layers' table", manifest_path)
-    model_path = folder / MODEL
+    model_path = folder / MODEL_FILE
     if not model_path.is_file():
-        raise HQExportError(f"has no {MODEL}", folder)
+        raise HQExportError(f"has no {MODEL_FILE}", folder)
     try:
         graph = onnx.load(str(model_path), load_external_data=False)
     except Exception as error:  # noqa: BLE001 - protobuf raises DecodeError and others
@@ -93,12 +91,12 @@ def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
             continue
         location = next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
         if not location:
-            raise HQExportError(f"tensor {tensor.name} has external data without a location", folder / MODEL)
+            raise HQExportError(f"tensor {tensor.name} has external data without a location", folder / MODEL_FILE)
         target = (root / location).resolve()
         if Path(location).is_absolute() or (target != root and root not in target.parents):
             raise HQExportError(
                 f"tensor {tensor.name} points at external data {location!r} outside the model folder; refusing it",
-                folder / MODEL,
+                folder / MODEL_FILE,
             )
 
 
@@ -119,12 +117,12 @@ def reference_source(exported: Exported, override: Path | None) -> Path:
     if not path:
         raise HQExportError(
             f"the manifest records no source folder (kind {source.get('kind', 'unknown')!r}); pass --reference SOURCE",
-            exported.folder / MANIFEST,
+            exported.folder / MANIFEST_FILE,
         )
     if not Path(path).is_dir():
         raise HQExportError(
             f"the source folder {path} recorded in the manifest no longer exists; pass --reference SOURCE",
-            exported.folder / MANIFEST,
+            exported.folder / MANIFEST_FILE,
         )
     return Path(path)
 
@@ -138,5 +136,5 @@ def selected_adapters(exported: Exported, adapter: str | None) -> list[str]:
         return names
     if adapter not in exported.adapters:
         known = ", ".join(names) if names else "none"
-        raise HQExportError(f"has no adapter {adapter!r} (adapters: {known})", exported.folder / MANIFEST)
+        raise HQExportError(f"has no adapter {adapter!r} (adapters: {known})", exported.folder / MANIFEST_FILE)
     return [adapter]

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from hqexport.errors import HQExportError
+from hqexport.files import MODEL_FILE
 from hqexport.kernels import register as register_kernels
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -49,7 +50,7 @@ class OnnxDecoder:
         options.log_severity_level = 3
         self.kernels = register_kernels(options)  # None: hqexport ops run as their ONNX function body
         if model is None:
-            source: str | bytes = str(folder / "model.onnx")
+            source: str | bytes = str(folder / MODEL_FILE)
         else:  # an edited copy of the graph; its external data still lives in `folder`
             source = model.SerializeToString()
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
@@ -58,15 +59,15 @@ class OnnxDecoder:
         except HQExportError:
             raise
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise HQExportError(f"onnxruntime cannot load the model: {error}", folder / "model.onnx") from None
+            raise HQExportError(f"onnxruntime cannot load the model: {error}", folder / MODEL_FILE) from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         for required in ("input_ids", "attention_mask"):
             if required not in inputs:
-                raise HQExportError(f"model.onnx has no {required} input", folder / "model.onnx")
+                raise HQExportError(f"{MODEL_FILE} has no {required} input", folder / MODEL_FILE)
         self.uses_position_ids = "position_ids" in inputs
         layers = sorted({int(m.group(1)) for name in inputs if (m := _PAST.match(name))})
         if layers != list(range(len(layers))):
-            raise HQExportError(f"model.onnx past_key_values inputs are not numbered 0..n-1: {layers}", folder / "model.onnx")
+            raise HQExportError(f"{MODEL_FILE} past_key_values inputs are not numbered 0..n-1: {layers}", folder / MODEL_FILE)
         self.num_layers = len(layers)
         key = inputs.get("past_key_values.0.key")
         self.cache_dtype = _ORT_DTYPES.get(key.type, np.float32) if key is not None else np.float32

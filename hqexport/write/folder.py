@@ -20,8 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hqexport.errors import HQExportError
-
-MANIFEST_FILE = "hqexport.json"
+from hqexport.files import MANIFEST_FILE
 
 
 def check_output(out: Path, *, force: bool, source: Path | None = None) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import transformers
 
 from hqexport.export.decoder import DecoderIO
-from hqexport.write.onnx_file import MODEL_FILE
+from hqexport.files import MODEL_FILE
 
 #: search defaults: greedy decoding, like the validation and the demo
 _SEARCH = {

@@ -7,11 +7,10 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from hqexport.files import DATA_FILE, MODEL_FILE
 from hqexport.ops.function import attach_function
 from hqexport.ops.schema import register_schema
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 #: onnx 1.23 writes IR 11+; onnxruntime 1.31 and onnxruntime-genai load IR <= 10 for the opsets we emit
 MAX_IR_VERSION = 10
 
