@@ -8,3 +8,8 @@ MANIFEST_FILE = "hqexport.json"
 GENAI_CONFIG_FILE = "genai_config.json"  # onnxruntime-genai
 ADAPTERS_DIR = "adapters"  # ADAPTERS_DIR/NAME + ADAPTER_SUFFIX, one file per separate adapter
 ADAPTER_SUFFIX = ".onnx_adapter"
+
+
+def adapter_file(name: str) -> str:
+    """The path of adapter `name`'s file, relative to the exported folder."""
+    return f"{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}"

@@ -21,7 +21,7 @@ from hqexport.adapters.onnx_adapter import check_adapter_fits, write_adapter_fil
 from hqexport.adapters.peft_config import AdapterSpec
 from hqexport.adapters.values import dora_factor, lora_matmul_weights
 from hqexport.errors import HQExportError
-from hqexport.files import ADAPTER_SUFFIX, ADAPTERS_DIR
+from hqexport.files import ADAPTERS_DIR, adapter_file
 from hqexport.model import QuantizedLinear
 
 MODES = ("separate", "bake", "merge")
@@ -39,11 +39,7 @@ class AdapterExport:
         target = Path(folder) / ADAPTERS_DIR
         if self.files:
             target.mkdir(parents=True, exist_ok=True)
-        return {name: write_adapter_file(target / f"{name}{ADAPTER_SUFFIX}", params) for name, params in self.files.items()}
-
-
-def adapter_file(name: str) -> str:
-    return f"{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}"
+        return {name: write_adapter_file(Path(folder) / adapter_file(name), params) for name, params in self.files.items()}
 
 
 def _check_targets(adapters: Sequence[AdapterSpec], layers: Mapping[str, Mapping[str, Any]]) -> None:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from hqexport.adapters.onnx_adapter import check_adapter_fits, check_no_overlap, read_adapter_file
 from hqexport.errors import HQExportError
-from hqexport.files import ADAPTER_SUFFIX, ADAPTERS_DIR, MODEL_FILE
+from hqexport.files import ADAPTER_SUFFIX, ADAPTERS_DIR, MODEL_FILE, adapter_file
 
 
 class ExportedAdapters:
@@ -34,7 +34,7 @@ class ExportedAdapters:
         if check_model:
             model = onnx.load(str(self.folder / MODEL_FILE), load_external_data=False)
             for name, params in self.parameters.items():
-                check_adapter_fits(model, params, self.folder / ADAPTERS_DIR / f"{name}{ADAPTER_SUFFIX}")
+                check_adapter_fits(model, params, self.folder / adapter_file(name))
         self._loaded: dict[str, ort.LoraAdapter] = {}
 
     @property
@@ -46,7 +46,7 @@ class ExportedAdapters:
             raise HQExportError(f"no adapter named {name!r} (have: {', '.join(self.names)})", self.folder)
         if name not in self._loaded:
             loaded = ort.LoraAdapter()
-            loaded.Load(str(self.folder / ADAPTERS_DIR / f"{name}{ADAPTER_SUFFIX}"))
+            loaded.Load(str(self.folder / adapter_file(name)))
             self._loaded[name] = loaded
         return self._loaded[name]
 
