@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, median_seconds, memory_bandwidth_gbs, report  # noqa: E402
 
 from hqexport.lower import LowerToMatMulNBits  # noqa: E402
+from hqexport.ops import canonical_weight  # noqa: E402
 from hqexport.ops.function import attach_function  # noqa: E402
-from hqexport.ops.torch_op import canonical_weight  # noqa: E402
 from hqexport.read.meta import layer_from_meta  # noqa: E402
 
 OPSET = 21

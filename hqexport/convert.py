@@ -1,10 +1,10 @@
 """`convert`: an HQQ source folder (or an already-read QuantizedModel) -> an ONNX output folder.
 
-read -> adapters (merge re-quantizes before export) -> rebuild (transformers model, HQQ linears as hqexport
-op modules) -> export (torch.onnx dynamo) -> adapters (separate / bake add LoRA branches to the graph) ->
-lower (--ops: MatMulNBits where exact) -> write (model.onnx + data, adapters/*.onnx_adapter, tokenizer
-files, config.json, genai_config.json, hqexport.json) into a staging folder that becomes OUT only when complete.
-The weights are read from the source only as each one is written (export/rebuild.py `rebuild_deferred`).
+read -> adapters (merge re-quantizes before export) -> export (the decoder graph built from the config and the
+weights, export/graph.py) -> adapters (separate / bake add LoRA branches to the graph) -> lower (--ops:
+MatMulNBits where exact) -> write (model.onnx + data, adapters/*.onnx_adapter, tokenizer files, config.json,
+genai_config.json, hqexport.json) into a staging folder that becomes OUT only when complete. The weights are
+read from the source only as each one is written (every initializer is lazy, export/lazy.py).
 """
 
 from __future__ import annotations
@@ -19,17 +19,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
 from hqexport.adapters import MODES, AdapterSpec, apply_adapters, load_adapters, merge_adapter
 from hqexport.errors import HQExportError
-from hqexport.export.decoder import DecoderWithCache, decoder_io
-from hqexport.export.onnx_export import DEFAULT_OPSET, ExportedGraph, check_opset, export_decoder
-from hqexport.export.quant_linear import HQQMatMulLinear
-from hqexport.export.rebuild import DTYPES, rebuild_deferred
+from hqexport.export.config import DEFAULT_OPSET, DTYPES, check_opset, check_weights, model_config
+from hqexport.export.decoder import decoder_io
+from hqexport.export.graph import DecoderGraph, LayerNode, build_decoder
 from hqexport.files import DATA_FILE, GENAI_CONFIG_FILE, MANIFEST_FILE, MODEL_FILE
-from hqexport.formats import storage_bits
+from hqexport.formats import canonical_shape, storage_bits
 from hqexport.lower import LowerToMatMulNBits, matmulnbits_blocker
 from hqexport.model import QuantizedModel
 from hqexport.ops.schema import DOMAIN, OP_TYPE
@@ -119,12 +117,13 @@ def convert(
         adapter_manifest: dict[str, dict[str, Any]] = {}
         if mode == "merge" and specs:
             qmodel, adapter_manifest = _merge(qmodel, specs, steps)
-        with steps("Rebuilding the model with hqexport ops"):
-            causal_lm, loaders = rebuild_deferred(qmodel, dtype)
-            io = decoder_io(causal_lm.config, DTYPES[dtype])
-        with steps(f"Exporting to ONNX (torch.onnx dynamo, opset {opset})"):
-            graph = export_decoder(DecoderWithCache(causal_lm, io), opset, loaders)
-        layer_ops = {path: {"op": HQQ_OP, "node": node.node, "initializers": dict(node.initializers)} for path, node in graph.layers.items()}
+        config = model_config(qmodel)
+        check_weights(qmodel, config)
+        io = decoder_io(config, DTYPES[dtype])
+        with steps(f"Building the decoder graph (opset {opset})"):
+            targets = {module for spec in specs for module in spec.modules} if mode != "merge" else set()
+            graph = build_decoder(qmodel, config, io, opset=opset, unpacked=targets)
+        layer_ops = {path: _layer_entry(node) for path, node in graph.layers.items()}
         adapter_export = None
         if mode != "merge" and specs:
             with steps(f"Adding {len(specs)} adapter(s) ({mode})"):
@@ -143,10 +142,10 @@ def convert(
                 adapter_export.write_files(staging)
         for path in qmodel.tokenizer_files:
             shutil.copy2(path, staging / path.name)
-        causal_lm.config.save_pretrained(staging)  # config.json: what transformers-based runtimes (optimum) read
-        (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(causal_lm.config, io), indent=2))
+        config.save_pretrained(staging)  # config.json: what transformers-based runtimes (optimum) read
+        (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(config, io), indent=2))
         outputs = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-        architecture = type(causal_lm).__name__
+        architecture = config.architectures[0] if config.architectures else qmodel.architecture
         manifest = build_manifest(
             qmodel, io, layer_ops, architecture=architecture, dtype=dtype, opset=opset, outputs=outputs,
             adapters=adapter_manifest,
@@ -154,7 +153,7 @@ def convert(
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         onnx_bytes = sum((staging / name).stat().st_size for name in outputs if name in (MODEL_FILE, DATA_FILE))
 
-    packed, fp = _exported_bytes(causal_lm)
+    packed, fp = _exported_bytes(qmodel, DTYPES[dtype].itemsize)
     return ConvertSummary(
         out=out,
         architecture=architecture,
@@ -209,7 +208,14 @@ def _check_all_lowerable(qmodel: QuantizedModel) -> None:
             raise HQExportError(f"--ops ort: layer {path} ({layer.fmt.label}) cannot run as MatMulNBits: {blocker}")
 
 
-def _lower(graph: ExportedGraph, layer_ops: dict[str, dict[str, Any]], ops: str, accuracy_level: int) -> None:
+def _layer_entry(node: LayerNode) -> dict[str, Any]:
+    entry: dict[str, Any] = {"op": HQQ_OP, "node": node.node, "initializers": dict(node.initializers)}
+    if node.rows is not None:
+        entry["rows"] = list(node.rows)
+    return entry
+
+
+def _lower(graph: DecoderGraph, layer_ops: dict[str, dict[str, Any]], ops: str, accuracy_level: int) -> None:
     """Run the MatMulNBits lowering and record, per layer, which op now computes it."""
     lowering = LowerToMatMulNBits(ops, accuracy_level)
     lowering(graph.model)
@@ -228,15 +234,13 @@ def _count_ops(layer_ops: dict[str, dict[str, Any]]) -> dict[str, int]:
     return dict(Counter(entry["op"] for entry in layer_ops.values()))
 
 
-def _exported_bytes(causal_lm: torch.nn.Module) -> tuple[int, int]:
-    """(quantized layer buffers, fp parameters counted once) of the rebuilt model."""
-    packed = sum(
-        buffer.numel() * buffer.element_size()
-        for module in causal_lm.modules()
-        if isinstance(module, HQQMatMulLinear)
-        for buffer in module.buffers()
-    )
-    fp = sum(param.numel() * param.element_size() for param in causal_lm.parameters())
+def _exported_bytes(qmodel: QuantizedModel, act_itemsize: int) -> tuple[int, int]:
+    """(packed codes + scale + zero + bias of the quantized layers, the fp tensors in the activation dtype)."""
+    packed = 0
+    for layer in qmodel.linears.values():
+        words, bits = canonical_shape(layer.out_features, layer.in_features, storage_bits(layer.fmt)), storage_bits(layer.fmt)
+        packed += words[0] * words[1] * (4 if bits == 3 else 1) + layer.meta_bytes
+    fp = sum(tensor.numel() * act_itemsize for tensor in qmodel.tensors.values() if tensor.is_floating_point())
     return packed, fp
 
 

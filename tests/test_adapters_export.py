@@ -19,9 +19,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from hqexport.adapters.apply import apply_adapters
 from hqexport.adapters.peft_config import load_adapters
 from hqexport.adapters.runtime import ExportedAdapters
-from hqexport.export.decoder import DecoderWithCache, decoder_io
-from hqexport.export.onnx_export import export_decoder
-from hqexport.export.rebuild import rebuild_model
+from hqexport.export.config import DEFAULT_OPSET, model_config
+from hqexport.export.decoder import decoder_io
+from hqexport.export.graph import build_decoder
 from hqexport.read.live import read_live_model
 from hqexport.write.onnx_file import write_onnx
 
@@ -48,8 +48,9 @@ def setup(hqq_model, tmp_path_factory):
         peft_model.save_pretrained(root / name)
     qmodel = read_live_model(base)
     specs = load_adapters([f"{n}={root / n}" for n in CONFIGS], {k: v.shape for k, v in qmodel.linears.items()})
-    causal_lm = rebuild_model(qmodel, "fp32")
-    graph = export_decoder(DecoderWithCache(causal_lm, decoder_io(causal_lm.config, torch.float32)))
+    config = model_config(qmodel)
+    targets = {module for spec in specs for module in spec.modules}  # convert keeps adapter targets unpacked too
+    graph = build_decoder(qmodel, config, decoder_io(config, torch.float32), opset=DEFAULT_OPSET, unpacked=targets)
     manifest = {
         "model": {"dtype": "fp32"},
         "layers": {

@@ -448,8 +448,8 @@ def test_output_is_an_existing_file(st_copy, out):
 
 
 def _fake_export(monkeypatch) -> None:
-    """Skip the torch export (not under test here): the writer gets an empty graph."""
-    monkeypatch.setattr("hqexport.convert.export_decoder", lambda *args, **kwargs: SimpleNamespace(model=None, layers={}))
+    """Skip building the graph (not under test here): the writer gets an empty graph."""
+    monkeypatch.setattr("hqexport.convert.build_decoder", lambda *args, **kwargs: SimpleNamespace(model=None, layers={}))
 
 
 def _disk_full_writer(written: list[Path]):
@@ -504,7 +504,7 @@ def write_half_then_hang(model, folder):
     (folder / "model.onnx.data").write_bytes(bytes(1 << 16))
     print("writing", flush=True)
     time.sleep(600)
-convert.export_decoder = lambda *args, **kwargs: SimpleNamespace(model=None, layers={})
+convert.build_decoder = lambda *args, **kwargs: SimpleNamespace(model=None, layers={})
 convert.write_onnx = write_half_then_hang
 from hqexport.cli import main
 main(["convert", sys.argv[1], "-o", sys.argv[2], "--ops", "hqq"])

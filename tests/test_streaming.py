@@ -5,53 +5,47 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 
 from hqexport import convert as convert_module
 from hqexport.convert import convert
-from hqexport.export import rebuild
-from hqexport.export.quant_linear import HQQMatMulLinear
+from hqexport.export.config import DEFAULT_OPSET, model_config
+from hqexport.export.decoder import decoder_io
+from hqexport.export.graph import build_decoder
+from hqexport.ops import inputs
 from hqexport.read.live import read_live_model
 from hqexport.read.source import read_source
 from tests.conftest import FORMATS
 
 
-def _holds_data(tensor: torch.Tensor) -> bool:
-    """False for a meta tensor and for a broadcast placeholder (one element seen through zero strides)."""
-    return not tensor.is_meta and tensor.untyped_storage().nbytes() >= tensor.numel() * tensor.element_size()
-
-
 @pytest.mark.parametrize("tied", [True, False])
-def test_deferred_rebuild_holds_no_weights_and_its_loaders_give_the_real_ones(hqq_model, tied):
+def test_built_graph_holds_no_weights_and_computes_the_real_ones(hqq_model, tied):
+    """Every initializer of more than a few hundred bytes is lazy; computed, each holds the source's values."""
     qmodel = read_live_model(hqq_model("llama", tie_word_embeddings=tied, **FORMATS["4bit"]))
-    deferred, loaders = rebuild.rebuild_deferred(qmodel)
-    real = rebuild.rebuild_model(qmodel).state_dict()
-
-    state = deferred.state_dict(keep_vars=True)
-    empty = {name for name, tensor in state.items() if not _holds_data(tensor)}
-    assert empty == set(loaders)
-    packed = {f"{path}.weight_packed" for path, module in deferred.named_modules() if isinstance(module, HQQMatMulLinear)}
-    assert packed and packed <= empty
-    assert {"model.embed_tokens.weight", "lm_head.weight"} <= empty  # tied: two names, one loader
-    large_fp = {name for name, tensor in state.items() if tensor.is_floating_point() and tensor.numel() >= rebuild.DEFER_MIN_ELEMENTS}
-    assert large_fp <= empty
-    for name, load in loaders.items():
-        array = load()
-        expected = real[name].numpy()
-        assert array.dtype == expected.dtype and np.array_equal(array, expected), name
+    config = model_config(qmodel)
+    graph = build_decoder(qmodel, config, decoder_io(config, torch.float32), opset=DEFAULT_OPSET)
+    initializers = graph.model.graph.initializers
+    lazy = {name for name, value in initializers.items() if isinstance(value.const_value, ir.LazyTensor)}
+    assert {name for name, value in initializers.items() if value.const_value.nbytes > 512} - {"cos_cache", "sin_cache"} <= lazy
+    assert ("lm_head.weight.transposed" in lazy) != tied  # tied: the head reads the embedding itself
+    embedding = initializers["model.embed_tokens.weight"].const_value.numpy()
+    assert np.array_equal(embedding, qmodel.tensors["model.embed_tokens.weight"].numpy())
+    for path, node in graph.layers.items():
+        packed = initializers[node.initializers["weight"]].const_value.numpy()
+        start, stop = node.rows or (0, packed.shape[0])
+        assert np.array_equal(packed[start:stop], inputs.canonical_weight(qmodel.linears[path])), path
 
 
 @pytest.mark.parametrize("ops, fmt", [("hqq", "3bit"), ("auto", "4bit")])
 def test_convert_computes_each_packed_weight_once_while_writing(hqq_source, tmp_path, monkeypatch, ops, fmt):
-    """No layer's codes are materialized by the export, the optimizer or the lowering: only by the writer, once.
-
-    Layers are wide enough that no packed weight is under the 1024 elements the optimizer hashes to merge duplicates.
-    """
+    """No layer's codes are materialized by the graph build or the lowering: only by the writer, once (a packed
+    q/k/v or gate/up node computes each of its layers once)."""
     source = hqq_source("llama", "safetensors", hidden_size=256, intermediate_size=512, **FORMATS[fmt])
     writing = False
     calls: Counter[str] = Counter()
-    real_weight, real_write = rebuild.canonical_weight, convert_module.write_onnx
+    real_weight, real_write = inputs.canonical_weight, convert_module.write_onnx
 
     def canonical_weight(layer):  # noqa: ANN001, ANN202
         assert writing, f"{layer.name}'s packed codes were computed before the model was written"
@@ -66,7 +60,7 @@ def test_convert_computes_each_packed_weight_once_while_writing(hqq_source, tmp_
         finally:
             writing = False
 
-    monkeypatch.setattr(rebuild, "canonical_weight", canonical_weight)
+    monkeypatch.setattr(inputs, "canonical_weight", canonical_weight)
     monkeypatch.setattr(convert_module, "write_onnx", write_onnx)
     convert(source, tmp_path / "out", ops=ops, progress=False)
     assert calls == Counter(dict.fromkeys(read_source(source).linears, 1))

@@ -1,1 +1,1 @@
-"""Export stage: rebuild the transformers model with hqexport op modules, wrap it with a flat KV cache, torch.onnx."""
+"""Export stage: the decoder graph built from the config and the HQQ weights (onnx_ir), per architecture family."""

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from hqexport.formats.dequant import tensor_to_numpy
-from hqexport.validate.blocks import find_block_outputs, find_residual_stream, with_extra_outputs
+from hqexport.validate.blocks import find_block_outputs, with_extra_outputs
 from hqexport.validate.exported import Exported
 from hqexport.validate.metrics import Difference, Top1, difference, negative_log_likelihood, top1_agreement, top2_margin
 from hqexport.validate.onnx_session import OnnxDecoder
@@ -120,14 +120,11 @@ def check_blocks(ctx: Context) -> CheckResult:
     limit = ctx.thresholds.block_relative
     threshold = {"relative": limit}
     count = len(ctx.reference.blocks)
-    outputs = find_block_outputs(ctx.exported.graph, ctx.reference.blocks_path, count)
-    method = "module scopes"
-    if not any(outputs):
-        outputs, method = find_residual_stream(ctx.exported.graph, count), "residual stream"
+    outputs = find_block_outputs(ctx.exported.graph, count)
     located = [name for name in outputs if name is not None]
     if not located:
         return CheckResult("per-layer", None, {"blocks": count}, threshold,
-                           "block outputs cannot be located (no module-scope metadata, no recognisable residual stream)")
+                           "block outputs cannot be located (the graph has no value named model.layers.N.output)")
     ctx.progress(f"per-layer: running {count} blocks with extra outputs")
     copy = with_extra_outputs(ctx.exported.graph, located, fallback_type=1 if ctx.exported.dtype == "fp32" else 10)
     decoder = OnnxDecoder(ctx.exported.folder, ctx.provider, model=copy)
@@ -150,7 +147,7 @@ def check_blocks(ctx: Context) -> CheckResult:
         if not diff.relative <= limit and first_bad is None:
             first_bad = index
     measured = [row["relative"] for row in rows if row.get("relative") is not None]
-    figures = {"blocks": rows, "first_divergent_block": first_bad, "max_relative": max(measured, default=None), "located": len(located), "located_by": method}
+    figures = {"blocks": rows, "first_divergent_block": first_bad, "max_relative": max(measured, default=None), "located": len(located)}
     if first_bad is not None:
         row = rows[first_bad]
         how = row.get("error") or f"relative error {row['relative']:.3g} > {limit:g}"

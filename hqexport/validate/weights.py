@@ -52,7 +52,7 @@ def _hqq(exported: Exported, name: str, entry: dict, nodes: dict[str, onnx.NodeP
     if node is None or node.op_type != "HQQMatMul":
         raise DecodeError(f"no HQQMatMul node named {entry.get('node')!r} in model.onnx")
     attrs = _attrs(node)
-    n, k = (int(d) for d in entry["shape"])
+    n, k = _node_n(entry, attrs), int(entry["shape"][1])
     if (attrs.get("N"), attrs.get("K"), attrs.get("group_size"), attrs.get("axis")) != (
         n, k, int(entry["group_size"]), int(entry["axis"])
     ):
@@ -68,7 +68,7 @@ def _hqq(exported: Exported, name: str, entry: dict, nodes: dict[str, onnx.NodeP
     weight = dequantize_canonical(
         packed, scale, zero, N=n, K=k, bits=attrs["bits"], group_size=attrs["group_size"], axis=attrs["axis"]
     )
-    return DecodedWeight(weight, exact=True)
+    return DecodedWeight(_rows(weight, entry), exact=True)
 
 
 def _matmulnbits(exported: Exported, name: str, entry: dict, nodes: dict[str, onnx.NodeProto]) -> DecodedWeight:
@@ -80,7 +80,7 @@ def _matmulnbits(exported: Exported, name: str, entry: dict, nodes: dict[str, on
         raise DecodeError(f"no MatMulNBits node reads {names['B']!r}")
     attrs = _attrs(node)
     n, k, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
-    if [n, k] != [int(d) for d in entry["shape"]] or block != int(entry["group_size"]):
+    if [n, k] != [_node_n(entry, attrs), int(entry["shape"][1])] or block != int(entry["group_size"]):
         raise DecodeError(f"MatMulNBits attributes {attrs} disagree with the manifest {entry}")
     blocks = k // block
     try:
@@ -100,7 +100,23 @@ def _matmulnbits(exported: Exported, name: str, entry: dict, nodes: dict[str, on
     if exported.has_initializer(names["zero_correction"]):
         correction = exported.initializer(names["zero_correction"]).astype(np.float64)  # [blocks, N]
         weight = weight + correction.T[:, :, None]
-    return DecodedWeight(weight.reshape(n, k), exact=False)
+    return DecodedWeight(_rows(weight.reshape(n, k), entry), exact=False)
+
+
+def _node_n(entry: dict, attrs: dict) -> int:
+    """N of the node computing the layer: the layer's own, or in a packed node (the manifest's "rows" [start, stop)
+    name the layer's part) the node's, if the part fits in it."""
+    rows = entry.get("rows")
+    if not rows:
+        return int(entry["shape"][0])
+    start, stop = (int(row) for row in rows)
+    fits = 0 <= start and stop - start == int(entry["shape"][0]) and stop <= int(attrs.get("N", -1))
+    return int(attrs["N"]) if fits else -1
+
+
+def _rows(weight: np.ndarray, entry: dict) -> np.ndarray:
+    rows = entry.get("rows")
+    return weight[rows[0] : rows[1]] if rows else weight
 
 
 DECODERS: dict[str, Callable[[Exported, str, dict, dict], DecodedWeight]] = {HQQ_OP: _hqq, NBITS_OP: _matmulnbits}

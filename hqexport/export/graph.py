@@ -1,0 +1,326 @@
+"""The decoder graph, built directly from the config and the HQQ weights (onnx_ir), in the ops onnxruntime fuses.
+
+Per decoder layer (the shape onnxruntime-genai's model builder gives its own models):
+
+    SkipSimplifiedLayerNormalization -> HQQMatMul (q, k, v packed) -> GroupQueryAttention (rotary inside,
+    KV cache [batch, kv_heads, sequence, head_dim]) -> HQQMatMul (o) -> SkipSimplifiedLayerNormalization ->
+    HQQMatMul (gate, up packed) -> Split -> activation -> Mul -> HQQMatMul (down)
+
+The residual stream runs through the Skip norms' fourth output, which is named `block_output_name(i)` after
+layer i (validate reads the blocks there). Layers sharing an input and an HQQ format (axis 1) are packed
+into one node by concatenating their codes, scales and zeros along N: exact, since HQQ's groups of one row never
+reach another. A packed group stays one node per layer when an adapter targets one of its layers (the LoRA
+branch is added to that layer's own output, adapters/graph.py).
+
+Every weight is an `ir.LazyTensor`: its data is computed from the source only when the file is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+import transformers
+
+from hqexport.errors import UnsupportedModelError
+from hqexport.export.architectures import architecture, embedding_scale, head_dim, rotary_class, sliding_window
+from hqexport.export.decoder import DecoderIO
+from hqexport.export.lazy import lazy_tensor
+from hqexport.formats import storage_bits
+from hqexport.formats.dequant import numpy_dtype, tensor_to_numpy
+from hqexport.model import QuantizedLinear, QuantizedModel
+from hqexport.ops.inputs import packed_inputs
+from hqexport.ops.schema import DOMAIN, OP_TYPE, SINCE_VERSION
+
+MS_DOMAIN = "com.microsoft"
+
+
+def node_name(layer_path: str) -> str:
+    return f"{layer_path}/{OP_TYPE}"
+
+
+def block_output_name(index: int) -> str:
+    """The residual stream after decoder layer `index` (the output validate compares per block)."""
+    return f"model.layers.{index}.output"
+
+
+@dataclass(frozen=True)
+class LayerNode:
+    """Where one quantized layer ended up in the graph."""
+
+    node: str
+    initializers: dict[str, str | None]  # op input ("weight", "scale", "zero", "bias") -> initializer name
+    rows: tuple[int, int] | None = None  # the layer's output rows in a packed node, [start, stop)
+
+
+@dataclass
+class DecoderGraph:
+    model: ir.Model
+    layers: dict[str, LayerNode] = field(default_factory=dict)  # by module path
+
+
+def build_decoder(
+    qmodel: QuantizedModel,
+    config: transformers.PretrainedConfig,
+    io: DecoderIO,
+    *,
+    opset: int,
+    unpacked: Collection[str] = (),
+) -> DecoderGraph:
+    """The decoder graph of `qmodel`; the layers in `unpacked` (adapter targets) keep a node of their own."""
+    builder = _Builder(qmodel, config, io, opset, set(unpacked))
+    return DecoderGraph(builder.build(), builder.layers)
+
+
+class _Builder:
+    def __init__(self, qmodel: QuantizedModel, config: transformers.PretrainedConfig, io: DecoderIO, opset: int, unpacked: set[str]) -> None:
+        self.qmodel, self.config, self.io, self.unpacked = qmodel, config, io, unpacked
+        self.arch = architecture(config)
+        self.act = numpy_dtype(io.dtype)
+        self.graph = ir.Graph([], [], nodes=[], name="decoder", opset_imports={"": opset, MS_DOMAIN: 1, DOMAIN: SINCE_VERSION})
+        self.layers: dict[str, LayerNode] = {}
+        self.eps = float(config.rms_norm_eps)
+
+    # ------------------------------------------------------------ graph plumbing
+
+    def op(
+        self, op_type: str, inputs: Sequence[ir.Value | None], *, name: str, domain: str = "", outputs: int = 1,
+        dtype: ir.DataType | None = None, **attributes,
+    ) -> ir.Value | tuple[ir.Value, ...]:
+        """Append a node; its outputs have `dtype` (the activation dtype unless given; a Cast's target)."""
+        node = ir.node(op_type, list(inputs), attributes or None, domain=domain, name=name, num_outputs=outputs)
+        dtype = attributes.get("to", dtype) if op_type == "Cast" else dtype
+        for index, output in enumerate(node.outputs):
+            output.name = f"{name}/output_{index}"
+            output.type = ir.TensorType(dtype or ir.DataType.from_numpy(self.act))
+        self.graph.append(node)
+        return node.outputs[0] if outputs == 1 else tuple(node.outputs)
+
+    def constant(self, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array, name=name))
+        self.graph.register_initializer(value)
+        return value
+
+    def weight(self, name: str, dtype: np.dtype, shape: Sequence[int], load: Callable[[], np.ndarray]) -> ir.Value:
+        tensor = lazy_tensor(name, dtype, shape, load)
+        value = ir.Value(name=name, shape=ir.Shape(list(shape)), type=ir.TensorType(tensor.dtype), const_value=tensor)
+        self.graph.register_initializer(value)
+        return value
+
+    def fp_tensor(self, key: str, dtype: np.dtype | None = None, offset: float = 0.0) -> ir.Value:
+        """An fp tensor of the source (e.g. a norm weight), in `dtype` (default: the activation dtype)."""
+        tensor = self.qmodel.tensors[key]  # config.check_weights made sure the source has it
+        dtype = np.dtype(dtype or self.act)
+
+        def load(tensor: torch.Tensor = tensor) -> np.ndarray:
+            array = tensor_to_numpy(tensor).astype(np.float32 if offset else dtype)
+            return (array + np.float32(offset)).astype(dtype) if offset else array
+
+        return self.weight(key, dtype, tuple(tensor.shape), load)
+
+    # ------------------------------------------------------------ the decoder
+
+    def build(self) -> ir.Model:
+        io, config, graph = self.io, self.config, self.graph
+        act_type = ir.TensorType(ir.DataType.from_numpy(self.act))
+        int64 = ir.TensorType(ir.DataType.INT64)
+        input_ids = ir.Value(name="input_ids", shape=ir.Shape(["batch", "sequence"]), type=int64)
+        attention_mask = ir.Value(name="attention_mask", shape=ir.Shape(["batch", "total_sequence"]), type=int64)
+        position_ids = ir.Value(name="position_ids", shape=ir.Shape(["batch", "sequence"]), type=int64)
+        graph.inputs.extend([input_ids, attention_mask, position_ids])
+        cache_shape = ir.Shape(["batch", io.num_key_value_heads, "past_sequence", io.head_dim])
+        past = [ir.Value(name=name, shape=cache_shape, type=act_type) for name in io.past_names]
+        graph.inputs.extend(past)
+
+        seqlens_k, total_length = self.sequence_lengths(attention_mask)
+        cos, sin = self.rotary_caches()
+        hidden = self.embeddings(input_ids)
+        residual = hidden
+        normed = self.rms_norm(hidden, "model.layers.0.input_layernorm", "/model/layers.0/input_layernorm")
+        presents: list[ir.Value] = []
+        for index in range(io.num_layers):
+            prefix = f"model.layers.{index}"
+            attention, key, value = self.attention(index, normed, past[2 * index], past[2 * index + 1], seqlens_k, total_length, cos, sin, position_ids)
+            presents += [key, value]
+            normed, residual = self.skip_norm(attention, residual, f"{prefix}.post_attention_layernorm", f"/{prefix}/post_attention_layernorm")
+            mlp = self.mlp(prefix, normed)
+            last = index == io.num_layers - 1
+            gamma = "model.norm" if last else f"model.layers.{index + 1}.input_layernorm"
+            normed, residual = self.skip_norm(mlp, residual, gamma, f"/{gamma}" if last else f"/model/layers.{index + 1}/input_layernorm")
+            residual.name = block_output_name(index)
+        logits = self.lm_head(normed)
+        logits.name, logits.shape = "logits", ir.Shape(["batch", "sequence", config.vocab_size])
+        for value, name in zip(presents, io.present_names):
+            value.name, value.shape = name, ir.Shape(["batch", io.num_key_value_heads, "total_sequence", io.head_dim])
+        graph.outputs.extend([logits, *presents])
+        return ir.Model(graph, ir_version=10, producer_name="hqexport")
+
+    def sequence_lengths(self, attention_mask: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """GroupQueryAttention's seqlens_k (attended tokens - 1, int32 [batch]) and total length (int32 scalar)."""
+        name = "/model/attn_mask_reformat"
+        summed = self.op("ReduceSum", [attention_mask, self.constant("one_axis", np.array([1], np.int64))], keepdims=0, dtype=ir.DataType.INT64, name=f"{name}/ReduceSum")
+        minus_one = self.op("Sub", [summed, self.constant("one_int64", np.array(1, np.int64))], dtype=ir.DataType.INT64, name=f"{name}/Sub")
+        seqlens_k = self.op("Cast", [minus_one], to=ir.DataType.INT32, name=f"{name}/Cast_seqlens")
+        total = self.op("Shape", [attention_mask], start=1, end=2, dtype=ir.DataType.INT64, name=f"{name}/Shape")
+        total = self.op("Squeeze", [total], dtype=ir.DataType.INT64, name=f"{name}/Squeeze")
+        return seqlens_k, self.op("Cast", [total], to=ir.DataType.INT32, name=f"{name}/Cast_total")
+
+    def rotary_caches(self) -> tuple[ir.Value, ir.Value]:
+        """cos and sin [max_positions, head_dim / 2] from transformers' own rotary module (so every rope type it computes statically matches)."""
+        cos, sin = rotary_tables(self.config)
+        return self.constant("cos_cache", cos.astype(self.act)), self.constant("sin_cache", sin.astype(self.act))
+
+    def embeddings(self, input_ids: ir.Value) -> ir.Value:
+        table = self.fp_tensor("model.embed_tokens.weight")
+        hidden = self.op("Gather", [table, input_ids], name="/model/embed_tokens/Gather")
+        if self.arch.scale_embeddings:  # Gemma: in the activation dtype, as transformers rounds it
+            scale = self.constant("/model/embed_tokens/scale", np.array(embedding_scale(self.config), self.act))
+            hidden = self.op("Mul", [hidden, scale], name="/model/embed_tokens/Mul")
+        return hidden
+
+    def norm_weight(self, module: str) -> ir.Value:
+        return self.fp_tensor(f"{module}.weight", offset=self.arch.norm_offset)
+
+    def rms_norm(self, x: ir.Value, module: str, name: str, *, eps: float | None = None) -> ir.Value:
+        """RMSNorm in plain ops, computed in fp32 like transformers (where no Skip norm can fuse it)."""
+        eps = self.eps if eps is None else eps
+        x32 = self.op("Cast", [x], to=ir.DataType.FLOAT, name=f"{name}/Cast") if self.act != np.float32 else x
+        f32 = ir.DataType.FLOAT
+        square = self.op("Mul", [x32, x32], dtype=f32, name=f"{name}/Square")
+        axes = self.constant(f"{name}/axes", np.array([-1], np.int64))
+        mean = self.op("ReduceMean", [square, axes], keepdims=1, dtype=f32, name=f"{name}/ReduceMean")
+        shifted = self.op("Add", [mean, self.constant(f"{name}/epsilon", np.array(eps, np.float32))], dtype=f32, name=f"{name}/Add")
+        root = self.op("Sqrt", [shifted], dtype=f32, name=f"{name}/Sqrt")
+        normed = self.op("Mul", [x32, self.op("Reciprocal", [root], dtype=f32, name=f"{name}/Reciprocal")], dtype=f32, name=f"{name}/Mul")
+        if self.act != np.float32:
+            normed = self.op("Cast", [normed], to=ir.DataType.from_numpy(self.act), name=f"{name}/Cast_back")
+        return self.op("Mul", [normed, self.norm_weight(module)], name=f"{name}/Mul_weight")
+
+    def skip_norm(self, x: ir.Value, skip: ir.Value, module: str, name: str) -> tuple[ir.Value, ir.Value]:
+        """(RMSNorm(x + skip), x + skip) in one com.microsoft node."""
+        normed, mean, inverse_std, summed = self.op(
+            "SkipSimplifiedLayerNormalization", [x, skip, self.norm_weight(module)],
+            domain=MS_DOMAIN, outputs=4, epsilon=self.eps, name=f"{name}/SkipLayerNorm",
+        )
+        mean.type = inverse_std.type = ir.TensorType(ir.DataType.FLOAT)
+        return normed, summed
+
+    def attention(self, index: int, x: ir.Value, past_key: ir.Value, past_value: ir.Value, seqlens_k: ir.Value,
+                  total_length: ir.Value, cos: ir.Value, sin: ir.Value, position_ids: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+        prefix = f"model.layers.{index}"
+        config, io = self.config, self.io
+        q_size, kv_size = config.num_attention_heads * io.head_dim, io.num_key_value_heads * io.head_dim
+        projections = self.linears(prefix, self.arch.attention, x, "self_attn.qkv_proj", [q_size, kv_size, kv_size])
+        if self.arch.qk_norm:
+            q, k, v = projections if len(projections) == 3 else self.split(projections[0], [q_size, kv_size, kv_size], f"/{prefix}/self_attn/qkv_split")
+            q = self.head_norm(q, f"{prefix}.self_attn.q_norm", config.num_attention_heads)
+            k = self.head_norm(k, f"{prefix}.self_attn.k_norm", io.num_key_value_heads)
+            projections = [q, k, v]
+        query, key, value = (projections + [None, None])[:3] if len(projections) == 1 else projections
+        window = sliding_window(config)
+        output, present_key, present_value = self.op(
+            "GroupQueryAttention",
+            [query, key, value, past_key, past_value, seqlens_k, total_length, cos, sin, position_ids],
+            domain=MS_DOMAIN, outputs=3, name=f"/{prefix}/self_attn/GroupQueryAttention",
+            num_heads=config.num_attention_heads, kv_num_heads=io.num_key_value_heads, do_rotary=1,
+            rotary_interleaved=0, scale=float(io.head_dim ** -0.5), local_window_size=window if window else -1,
+        )
+        return self.linear(f"{prefix}.{self.arch.attention_out}", output), present_key, present_value
+
+    def head_norm(self, x: ir.Value, module: str, heads: int) -> ir.Value:
+        """Qwen3's RMSNorm over each head of q or k: [.., heads * head_dim] -> per head -> back."""
+        name = f"/{module.replace('.', '/')}"
+        per_head = self.op("Reshape", [x, self.constant(f"{name}/heads_shape", np.array([0, 0, heads, self.io.head_dim], np.int64))], name=f"{name}/Reshape")
+        normed = self.rms_norm(per_head, module, name)
+        return self.op("Reshape", [normed, self.constant(f"{name}/merged_shape", np.array([0, 0, heads * self.io.head_dim], np.int64))], name=f"{name}/Reshape_back")
+
+    def mlp(self, prefix: str, x: ir.Value) -> ir.Value:
+        intermediate = self.config.intermediate_size
+        parts = self.linears(prefix, self.arch.mlp_in, x, "mlp.gate_up_proj", [intermediate, intermediate])
+        gate, up = parts if len(parts) == 2 else self.split(parts[0], [intermediate, intermediate], f"/{prefix}/mlp/gate_up_split")
+        name = f"/{prefix}/mlp/act"
+        if self.arch.activation == "silu":
+            activated = self.op("Mul", [gate, self.op("Sigmoid", [gate], name=f"{name}/Sigmoid")], name=f"{name}/Mul")
+        else:
+            activated = self.op("FastGelu", [gate], domain=MS_DOMAIN, name=f"{name}/FastGelu")
+        return self.linear(f"{prefix}.{self.arch.mlp_out}", self.op("Mul", [activated, up], name=f"/{prefix}/mlp/Mul"))
+
+    def split(self, x: ir.Value, sizes: list[int], name: str) -> list[ir.Value]:
+        return list(self.op("Split", [x, self.constant(f"{name}/sizes", np.array(sizes, np.int64))], axis=-1, outputs=len(sizes), name=name))
+
+    def lm_head(self, x: ir.Value) -> ir.Value:
+        if not self.config.tie_word_embeddings:
+            return self.linear("lm_head", x)
+        table = self.graph.initializers["model.embed_tokens.weight"]  # tied: the embedding read as [hidden, vocab]
+        transposed = self.op("Transpose", [table], perm=[1, 0], name="/lm_head/Transpose")
+        return self.op("MatMul", [x, transposed], name="/lm_head/MatMul")
+
+    # ------------------------------------------------------------ linears
+
+    def linears(self, prefix: str, modules: Sequence[str], x: ir.Value, packed_module: str, sizes: list[int]) -> list[ir.Value]:
+        """The outputs of `modules` reading x: one packed node when they can share one, else one node each.
+
+        A single module (Phi-3's qkv_proj) returns one output; packed modules return [packed output].
+        """
+        paths = [f"{prefix}.{module}" for module in modules]
+        layers = [self.qmodel.linears.get(path) for path in paths]
+        if len(paths) > 1 and _packable(layers) and not self.unpacked.intersection(paths):
+            return [self.packed_linear(f"{prefix}.{packed_module}", paths, x)]
+        return [self.linear(path, x) for path in paths]
+
+    def linear(self, path: str, x: ir.Value) -> ir.Value:
+        if path in self.qmodel.linears:
+            return self.packed_linear(path, [path], x)
+        weight = self.qmodel.tensors[f"{path}.weight"]  # an fp linear (config.check_weights)
+        transposed = self.weight(f"{path}.weight.transposed", self.act, tuple(reversed(weight.shape)),
+                                 lambda weight=weight: np.ascontiguousarray(tensor_to_numpy(weight).astype(self.act).T))
+        y = self.op("MatMul", [x, transposed], name=f"/{path}/MatMul")
+        if f"{path}.bias" in self.qmodel.tensors:
+            y = self.op("Add", [y, self.fp_tensor(f"{path}.bias")], name=f"/{path}/Add")
+        return y
+
+    def packed_linear(self, name: str, paths: Sequence[str], x: ir.Value) -> ir.Value:
+        """One hqexport.HQQMatMul computing the layers `paths` (concatenated along N) from x."""
+        layers = [self.qmodel.linears[path] for path in paths]
+        inputs = packed_inputs(layers, self.act)
+        values = {key: self.weight(f"{name}.{key_suffix}", spec.dtype, spec.shape, spec.load)
+                  for key, key_suffix, spec in ((key, suffix, inputs.tensors[key]) for key, suffix in _SUFFIXES.items() if key in inputs.tensors)}
+        node = node_name(name)
+        y = self.op(OP_TYPE, [x, values["weight"], values["scale"], values["zero"], values.get("bias")], domain=DOMAIN, name=node, **inputs.attributes)
+        initializers = {key: (values[key].name if key in values else None) for key in _SUFFIXES}
+        start = 0
+        for path, layer in zip(paths, layers):
+            rows = (start, start + layer.out_features) if len(paths) > 1 else None
+            self.layers[path] = LayerNode(node, initializers, rows)
+            start += layer.out_features
+        return y
+
+
+#: op input -> initializer name suffix ("<module path>.<suffix>")
+_SUFFIXES = {"weight": "weight_packed", "scale": "scale", "zero": "zero", "bias": "bias"}
+
+
+def _packable(layers: Sequence[QuantizedLinear | None]) -> bool:
+    """Quantized, one format and compute dtype, groups along K (axis 1): the concatenation along N is exact."""
+    if any(layer is None for layer in layers):
+        return False
+    first = layers[0]
+    return first.fmt.axis == 1 and all(
+        (layer.fmt, layer.compute_dtype, layer.in_features, storage_bits(layer.fmt)) == (first.fmt, first.compute_dtype, first.in_features, storage_bits(first.fmt))
+        for layer in layers
+    )
+
+
+def rotary_tables(config: transformers.PretrainedConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin) [max_position_embeddings, head_dim / 2], float32, as the model's rotary module computes them."""
+    rotary = rotary_class(config)(config=config)
+    positions = torch.arange(int(config.max_position_embeddings), dtype=torch.int64)[None]
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros((), dtype=torch.float32), positions)
+    half = head_dim(config) // 2
+    if cos.shape[-1] != 2 * half:
+        raise UnsupportedModelError(f"{config.model_type}: a rotary embedding over {cos.shape[-1]} of {2 * half} head dimensions is not supported")
+    return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
