@@ -99,13 +99,22 @@ def inspect(path: Path, as_json: bool) -> None:
     help="accuracy_level of the MatMulNBits nodes. 0: fp32 compute, exact. 4: activations quantized to int8 per "
     "block: faster decode on CPU, but no longer HQQ's result (validate reports how far it moved).",
 )
+@click.option(
+    "--lm-head",
+    type=click.Choice(["fp32", "int8", "int4"]),
+    default="fp32",
+    show_default=True,
+    help="fp32: the fp lm_head stays a fp32 MatMul, exact. int8 / int4: requantize it blockwise with onnxruntime's "
+    "quantizer (lossy; faster decode: the head is most of what a small model's decode step reads; int8 is fast on "
+    "CPU only with --accuracy-level 4). validate measures the loss.",
+)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="dtype of activations and fp weights.")
 @click.option("--opset", type=int, help="ONNX opset (default 20; 18-23).")
 @click.option("--force", is_flag=True, help="Replace OUT if it holds an earlier hqexport output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def convert(
     source: Path, out: Path, adapters: tuple[str, ...], adapter_mode: str | None, ops: str, accuracy_level: str,
-    dtype: str, opset: int | None, force: bool, as_json: bool,
+    lm_head: str, dtype: str, opset: int | None, force: bool, as_json: bool,
 ) -> None:
     """Export an HQQ model folder (and its LoRA adapters) to an ONNX folder.
 
@@ -116,7 +125,7 @@ def convert(
     from hqexport.convert import convert as run_convert
 
     summary = run_convert(
-        source, out, dtype=dtype, opset=opset, ops=ops, accuracy_level=int(accuracy_level), adapters=adapters,
+        source, out, dtype=dtype, opset=opset, ops=ops, accuracy_level=int(accuracy_level), lm_head=lm_head, adapters=adapters,
         adapter_mode=adapter_mode, force=force, progress=not as_json,
     )
     if as_json:

@@ -9,6 +9,7 @@ read from the source only as each one is written (every initializer is lazy, exp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -28,7 +29,7 @@ from hqexport.export.decoder import decoder_io
 from hqexport.export.graph import DecoderGraph, LayerNode, build_decoder
 from hqexport.files import DATA_FILE, GENAI_CONFIG_FILE, MANIFEST_FILE, MODEL_FILE
 from hqexport.formats import canonical_shape, storage_bits
-from hqexport.lower import LowerToMatMulNBits, matmulnbits_blocker
+from hqexport.lower import HEAD_PATH, LowerToMatMulNBits, head_choice, matmulnbits_blocker, quantize_head
 from hqexport.model import QuantizedModel
 from hqexport.ops.schema import DOMAIN, OP_TYPE
 from hqexport.read.folder import sha256
@@ -55,6 +56,7 @@ class ConvertSummary:
     dtype: str
     opset: int
     ops: dict[str, int]  # op -> number of quantized layers computed by it
+    lm_head: str  # how the head is stored: fp32, int8 / int4 (lossy), hqq (an HQQ layer of the source)
     adapters: dict[str, dict[str, Any]]  # the manifest's adapters section
     onnx_bytes: int  # model.onnx + model.onnx.data
     packed_bytes: int  # packed codes + scale + zero + bias of the quantized layers, as exported
@@ -73,6 +75,7 @@ def convert(
     opset: int | None = None,
     ops: str = "auto",
     accuracy_level: int = 0,
+    lm_head: str = "fp32",
     adapters: Sequence[str] = (),
     adapter_mode: str | None = None,
     force: bool = False,
@@ -83,7 +86,8 @@ def convert(
     adapters: `[NAME=]PATH` arguments (PEFT adapter folders); adapter_mode: separate (default with adapters),
     bake or merge. ops: auto (MatMulNBits where it is exact, hqexport op elsewhere), hqq (hqexport op
     everywhere) or ort (MatMulNBits everywhere, an error for a layer it cannot express). accuracy_level: of the
-    MatMulNBits nodes (ACCURACY_LEVELS); 4 trades HQQ's exact result for int8 activations.
+    MatMulNBits nodes (ACCURACY_LEVELS); 4 trades HQQ's exact result for int8 activations. lm_head: fp32 (exact)
+    or a lossy int8 / int4 requantization of an fp head (lower/lm_head.py).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -111,6 +115,7 @@ def convert(
         else:
             with steps(f"Reading {source}"):
                 qmodel = read_source(Path(source))
+        choice = head_choice(qmodel, lm_head)
         if ops == "ort":
             _check_all_lowerable(qmodel)
         specs = _load_adapters(qmodel, adapters) if adapters else []
@@ -120,9 +125,13 @@ def convert(
         config = model_config(qmodel)
         check_weights(qmodel, config)
         io = decoder_io(config, DTYPES[dtype])
+        head = None
+        if choice.lossy:
+            with steps(f"Quantizing the lm_head with hqq (--lm-head {lm_head}, lossy)"):
+                head = quantize_head(qmodel, config.tie_word_embeddings, choice)
         with steps(f"Building the decoder graph (opset {opset})"):
             targets = {module for spec in specs for module in spec.modules} if mode != "merge" else set()
-            graph = build_decoder(qmodel, config, io, opset=opset, unpacked=targets)
+            graph = build_decoder(qmodel, config, io, opset=opset, unpacked=targets, head=head)
         layer_ops = {path: _layer_entry(node) for path, node in graph.layers.items()}
         adapter_export = None
         if mode != "merge" and specs:
@@ -136,6 +145,8 @@ def convert(
         if ops != "hqq":
             with steps(f"Lowering to MatMulNBits where exact (--ops {ops})"):
                 _lower(graph, layer_ops, ops, accuracy_level)
+        if head is not None:  # not a layer of the source: the manifest describes it under model.lm_head
+            choice = dataclasses.replace(choice, op=layer_ops.pop(HEAD_PATH)["op"])
         with steps("Writing model.onnx, model.onnx.data and checking them"):
             write_onnx(graph.model, staging)
             if adapter_export is not None:
@@ -148,7 +159,7 @@ def convert(
         architecture = config.architectures[0] if config.architectures else qmodel.architecture
         manifest = build_manifest(
             qmodel, io, layer_ops, architecture=architecture, dtype=dtype, opset=opset, outputs=outputs,
-            adapters=adapter_manifest,
+            adapters=adapter_manifest, lm_head=choice.to_json(),
         )
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         onnx_bytes = sum((staging / name).stat().st_size for name in outputs if name in (MODEL_FILE, DATA_FILE))
@@ -162,6 +173,7 @@ def convert(
         dtype=dtype,
         opset=opset,
         ops=_count_ops(layer_ops),
+        lm_head=manifest["model"]["lm_head"]["format"],
         adapters=adapter_manifest,
         onnx_bytes=onnx_bytes,
         packed_bytes=packed,

@@ -380,3 +380,26 @@ def test_ops_ort_refuses_an_inexpressible_layer_before_exporting(hqq_source, tmp
     assert result.exit_code == 2
     assert "--ops ort: layer model.layers.0.self_attn.q_proj (2bit g16 axis0) cannot run as MatMulNBits" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_decoder_layers_are_fused_and_share_packed_nodes(exported: Exported):
+    """One GroupQueryAttention and two Skip norms per layer; layers of one format that read one input (q/k/v,
+    gate/up) are one packed node, each layer's rows in it named by the manifest and together covering it."""
+    model = onnx.load(str(exported.out / "model.onnx"), load_external_data=False)
+    layers = exported.live.config.num_hidden_layers
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("GroupQueryAttention") == layers and ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    manifest = json.loads((exported.out / "hqexport.json").read_text())
+    by_node: dict[str, list[tuple[int, int, int]]] = {}
+    for entry in manifest["layers"].values():
+        if "rows" in entry:
+            by_node.setdefault(entry["node"], []).append((*entry["rows"], entry["shape"][0]))
+    for parts in by_node.values():
+        parts.sort()
+        assert all(stop - start == n for start, stop, n in parts) and parts[0][0] == 0
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:])), parts  # contiguous
+    one_format = len({(e["nbits"], e["group_size"], e["axis"]) for e in manifest["layers"].values()}) == 1
+    if one_format and exported.case.quant.get("axis", 1) == 1 and exported.case.arch != "phi3":  # phi3 stores them packed
+        assert len(by_node) == 2 * layers  # q/k/v and gate/up in every layer
+    elif not one_format or exported.case.quant.get("axis") == 0:
+        assert not by_node  # mixed formats and axis-0 groups are never packed

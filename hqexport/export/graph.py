@@ -69,15 +69,23 @@ def build_decoder(
     *,
     opset: int,
     unpacked: Collection[str] = (),
+    head: QuantizedLinear | None = None,
 ) -> DecoderGraph:
-    """The decoder graph of `qmodel`; the layers in `unpacked` (adapter targets) keep a node of their own."""
-    builder = _Builder(qmodel, config, io, opset, set(unpacked))
+    """The decoder graph of `qmodel`; the layers in `unpacked` (adapter targets) keep a node of their own.
+
+    head: an HQQ layer computing lm_head in place of the fp head (convert --lm-head, lower/lm_head.py).
+    """
+    builder = _Builder(qmodel, config, io, opset, set(unpacked), head)
     return DecoderGraph(builder.build(), builder.layers)
 
 
 class _Builder:
-    def __init__(self, qmodel: QuantizedModel, config: transformers.PretrainedConfig, io: DecoderIO, opset: int, unpacked: set[str]) -> None:
+    def __init__(
+        self, qmodel: QuantizedModel, config: transformers.PretrainedConfig, io: DecoderIO, opset: int, unpacked: set[str],
+        head: QuantizedLinear | None,
+    ) -> None:
         self.qmodel, self.config, self.io, self.unpacked = qmodel, config, io, unpacked
+        self.quantized = {**qmodel.linears, **({head.name: head} if head is not None else {})}
         self.arch = architecture(config)
         self.act = numpy_dtype(io.dtype)
         self.graph = ir.Graph([], [], nodes=[], name="decoder", opset_imports={"": opset, MS_DOMAIN: 1, DOMAIN: SINCE_VERSION})
@@ -252,7 +260,7 @@ class _Builder:
         return list(self.op("Split", [x, self.constant(f"{name}/sizes", np.array(sizes, np.int64))], axis=-1, outputs=len(sizes), name=name))
 
     def lm_head(self, x: ir.Value) -> ir.Value:
-        if not self.config.tie_word_embeddings:
+        if not self.config.tie_word_embeddings or "lm_head" in self.quantized:
             return self.linear("lm_head", x)
         table = self.graph.initializers["model.embed_tokens.weight"]  # tied: the embedding read as [hidden, vocab]
         transposed = self.op("Transpose", [table], perm=[1, 0], name="/lm_head/Transpose")
@@ -266,13 +274,13 @@ class _Builder:
         A single module (Phi-3's qkv_proj) returns one output; packed modules return [packed output].
         """
         paths = [f"{prefix}.{module}" for module in modules]
-        layers = [self.qmodel.linears.get(path) for path in paths]
+        layers = [self.quantized.get(path) for path in paths]
         if len(paths) > 1 and _packable(layers) and not self.unpacked.intersection(paths):
             return [self.packed_linear(f"{prefix}.{packed_module}", paths, x)]
         return [self.linear(path, x) for path in paths]
 
     def linear(self, path: str, x: ir.Value) -> ir.Value:
-        if path in self.qmodel.linears:
+        if path in self.quantized:
             return self.packed_linear(path, [path], x)
         weight = self.qmodel.tensors[f"{path}.weight"]  # an fp linear (config.check_weights)
         transposed = self.weight(f"{path}.weight.transposed", self.act, tuple(reversed(weight.shape)),
@@ -284,7 +292,7 @@ class _Builder:
 
     def packed_linear(self, name: str, paths: Sequence[str], x: ir.Value) -> ir.Value:
         """One hqexport.HQQMatMul computing the layers `paths` (concatenated along N) from x."""
-        layers = [self.qmodel.linears[path] for path in paths]
+        layers = [self.quantized[path] for path in paths]
         inputs = packed_inputs(layers, self.act)
         values = {key: self.weight(f"{name}.{key_suffix}", spec.dtype, spec.shape, spec.load)
                   for key, key_suffix, spec in ((key, suffix, inputs.tensors[key]) for key, suffix in _SUFFIXES.items() if key in inputs.tensors)}

@@ -4,9 +4,10 @@ HQQ zero points are fractional; MatMulNBits runs its fast kernels only with uint
 zero z is split into an integer part and a correction (design.md §5):
 
     (q - z) * s  =  (q - zr) * s  +  (zr - z) * s,         zr = clip(round(z), 0, 2^bits - 1)
-    Y = MatMulNBits(A; q, s, zr)  +  (A summed over each K-group) @ corr^T,   corr = (zr - z) * s
+    Y = MatMulNBits(A; q, s, zr)  +  (A @ G) @ corr^T,   corr = (zr - z) * s
 
-which is exact up to float rounding. 3-bit codes ride in a 4-bit container and 1-bit codes in a 2-bit one.
+where G [K, K / group_size] is 1 where input k belongs to group j (A @ G sums A over each group; one node,
+shared by the layers reading A). Exact up to float rounding. 3-bit codes ride in a 4-bit container and 1-bit codes in a 2-bit one.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         graph = model.graph
         modified = False
         self._group_sums: dict[tuple[ir.Value, int], ir.Value] = {}
+        self._indicators: dict[tuple[int, int, str], ir.Value] = {}
         for node in list(graph):
             if node.domain != "hqexport" or node.op_type != "HQQMatMul":
                 continue
@@ -96,15 +98,15 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
             common_passes.RemoveUnusedOpsetsPass()(model)
         return ir.passes.PassResult(model, modified)
 
-    @staticmethod
-    def _grouped_shape(
-        a: ir.Value, add: Callable[..., ir.Value], initializer: Callable[..., ir.Value], blocks: int, group_size: int
-    ) -> ir.Value:
-        """Reshape's target [..., blocks, group_size] for `a`: a constant when its rank is known (0 copies a dim)."""
-        if a.shape is not None:
-            return initializer("group_shape", np.array([0] * (len(a.shape) - 1) + [blocks, group_size], np.int64))
-        leading = add("Shape", [a], end=-1)
-        return add("Concat", [leading, initializer("group_shape", np.array([blocks, group_size], np.int64))], axis=0)
+    def _indicator(self, graph: ir.Graph, K: int, group_size: int, dtype: np.dtype) -> ir.Value:
+        """The group-sum matrix for (K, group size), one initializer shared by every layer that needs it."""
+        key = (K, group_size, np.dtype(dtype).name)
+        if key not in self._indicators:
+            name = f"zero_correction.group_sum_K{K}_g{group_size}_{key[2]}"
+            value = ir.Value(name=name, const_value=ir.tensor(_group_indicator(K, group_size, dtype), name=name))
+            graph.register_initializer(value)
+            self._indicators[key] = value
+        return self._indicators[key]
 
     def _lower(self, graph: ir.Graph, node: ir.Node, *, N: int, K: int, bits: int, group_size: int, axis: int) -> LayerDecision:
         a, w, scale, zero, *rest = node.inputs
@@ -147,13 +149,8 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         needs_correction = split.needs_correction()
         if needs_correction:
             group_sums = self._group_sums.get((a, group_size))
-            if group_sums is None:  # q/k/v (and gate/up) read the same input: their group sums are computed once
-                group_sums = self._group_sums[(a, group_size)] = add(
-                    "ReduceSum",
-                    [add("Reshape", [a, self._grouped_shape(a, add, initializer, blocks, group_size)]),
-                     initializer("sum_axes", np.array([-1], np.int64))],
-                    keepdims=0,
-                )
+            if group_sums is None:  # layers reading the same input share their group sums
+                group_sums = self._group_sums[(a, group_size)] = add("MatMul", [a, self._indicator(graph, K, group_size, act_np)])
             correction = initializer("zero_correction", lambda: split.correction().T.astype(act_np), act_np, (blocks, N))
             y = add("Add", [y, add("MatMul", [group_sums, correction])])
         if bias is not None:
@@ -170,6 +167,11 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
             accuracy_level=self.accuracy_level,
             zero_correction=needs_correction,
         )
+
+
+def _group_indicator(K: int, group_size: int, dtype: np.dtype) -> np.ndarray:
+    """G [K, K / group_size]: G[k, j] = 1 where input k is in group j (A @ G sums each group of A)."""
+    return np.kron(np.eye(K // group_size, dtype=dtype), np.ones((group_size, 1), dtype=dtype))
 
 
 def _repacked(codes: np.ndarray, K: int, bits: int, container: int) -> np.ndarray:

@@ -15,6 +15,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+#: a lossy export (convert --accuracy-level 4, --lm-head int8/int4: manifest model.lossy) is held to these
+#: instead of exactness: top-1 agreement with the reference over validate's logits positions, and perplexity
+LOSSY_TOP1_AGREEMENT = 0.95
+LOSSY_PERPLEXITY_RELATIVE = 0.05
+
 #: units in the last place a MatMulNBits-lowered weight may differ from hqq's (one more rounding than hqq)
 LOWERED_WEIGHT_ULPS = 4
 EPSILON = {"fp32": 2.0**-23, "fp16": 2.0**-10, "bf16": 2.0**-7}

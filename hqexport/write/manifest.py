@@ -38,12 +38,18 @@ def build_manifest(
     opset: int,
     outputs: dict[str, str],
     adapters: dict[str, dict[str, Any]],
+    lm_head: dict[str, Any],
 ) -> dict[str, Any]:
     """The manifest dict.
 
     layer_ops: per layer path, the op computing it ("op", "node", "initializers", optional "lowering");
-    outputs: each written file (path relative to the folder) -> sha256; adapters: the adapters section.
+    outputs: each written file (path relative to the folder) -> sha256; adapters: the adapters section;
+    lm_head: how the head is stored (lower/lm_head.py HeadDecision). model.lossy lists every choice that
+    departs from the source's exact result (validate then measures the loss instead of requiring exactness).
     """
+    accuracy_levels = {entry.get("lowering", {}).get("accuracy_level") for entry in layer_ops.values()}
+    lossy = [f"accuracy_level {level}" for level in sorted(level for level in accuracy_levels if level)]
+    lossy += [f"lm_head {lm_head['format']}"] if lm_head.get("lossy") else []
     source = qmodel.provenance
     layers = {}
     for path, layer in qmodel.linears.items():
@@ -73,6 +79,8 @@ def build_manifest(
             "dtype": dtype,
             "opset": opset,
             "uses_position_ids": "position_ids" in io.input_names,
+            "lm_head": lm_head,
+            "lossy": lossy,
         },
         "layers": layers,
         "adapters": adapters,
