@@ -53,46 +53,35 @@ def e2e(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("e2e")
     out = work / "e2e.json"
     _run(
-        "bench_e2e.py", "--tiny", "--variants", "pytorch-hqq,hqexport-auto", "--prompt", "6", "--decode", "5",
-        "--prefill", "12", "--repeats", "2", "--work", str(work / "models"), "--out", str(out),
+        "bench_e2e.py", "--tiny", "--variants", "pytorch-hqq,builder-int4-acc1,hqexport-fp32,hqexport", "--prompt", "6",
+        "--decode", "5", "--prefill", "12", "--work", str(work / "models"), "--out", str(out),
     )
     return json.loads(out.read_text())
 
 
 @pytest.mark.integration  # converts a model: runs in .ci/run's integration step
 def test_bench_e2e_rows_and_targets(e2e):
-    assert [row["variant"] for row in e2e["rows"]] == ["pytorch-hqq", "hqexport-auto"]
+    assert [row["variant"] for row in e2e["rows"]] == ["pytorch-hqq", "builder-int4-acc1", "hqexport-fp32", "hqexport"]
     for row in e2e["rows"]:
-        assert row["decode tok/s"] > 0 and row["prefill ms"] > 0 and row["1-token ms"] > 0 and row["file MB"] > 0
-        assert row["peak MiB"] >= 0
+        assert row["decode tok/s ort"] > 0 and row["prefill ms"] > 0 and row["peak MiB"] >= 0
+        if row["variant"] != "pytorch-hqq":  # ONNX folders also run through onnxruntime-genai
+            assert row["decode tok/s genai"] > 0 and row["file MB"] > 0 and row["nodes/layer"] > 0 and row["build s"] > 0
     targets = {target["target"]: target for target in e2e["targets"]}
-    assert set(targets) == {"decode vs ONNX fp32", "decode vs ORT HQQ quantizer", "decode vs PyTorch hqq", "decode vs bandwidth limit"}
-    assert targets["decode vs PyTorch hqq"]["measured"] > 0 and targets["decode vs PyTorch hqq"]["reached"] in ("yes", "no")
-    assert targets["decode vs ONNX fp32"]["measured"] is None  # that variant was not run
-    convert = e2e["build"]["convert"]["auto"]
-    assert convert["seconds"] > 0 and convert["process_peak_mib"] > 0
+    measured = targets["exact decode vs builder int4 acc1 (onnxruntime)"]
+    assert measured["measured"] > 0 and measured["reached"] in ("yes", "no")
+    assert targets["lossy int4 decode vs builder int4 (onnxruntime)"]["measured"] is None  # those variants were not run
+    builder = e2e["build"]["variants"]["builder-int4-acc1"]
+    assert "onnxruntime_genai.models.builder" in builder["command"] and "accuracy_level=1" in builder["command"]
     assert e2e["load_average"]["start"] and e2e["settings"]["cpu_count"] > 0
 
 
 @pytest.mark.integration  # converts a model: runs in .ci/run's integration step
-def test_bench_e2e_onnx_tokens_equal_hqq_pytorch(e2e):
-    tokens = {variant: result["tokens"] for variant, result in e2e["variants"].items()}
-    assert len(tokens["pytorch-hqq"]) == 6  # the prompt's next token + 5 decode steps
-    assert tokens["hqexport-auto"] == tokens["pytorch-hqq"]
-
-
-@pytest.mark.integration  # converts a model: runs in .ci/run's integration step
-def test_bench_e2e_bytes_per_token_match_the_config(e2e):
-    config = json.loads((Path(e2e["source"]) / "config.json").read_text())
-    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    head_dim = hidden // config["num_attention_heads"]
-    kv = config["num_key_value_heads"] * head_dim
-    per_layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)]
-    group = 32  # the tiny sample's hqq group size
-    quantized = config["num_hidden_layers"] * sum(n * k // 2 + 2 * 4 * n * k // group for n, k in per_layer)  # 4-bit + fp32 scale, zero
-    norms = (2 * config["num_hidden_layers"] + 1) * hidden * 4
-    lm_head = 0 if config.get("tie_word_embeddings") else vocab * hidden * 4
-    embedding_read = vocab * hidden * 4 if config.get("tie_word_embeddings") else hidden * 4
-    assert e2e["bytes_per_token"] == {
-        "quantized": quantized, "fp": norms + lm_head + embedding_read, "total": quantized + norms + lm_head + embedding_read
-    }
+def test_bench_e2e_exact_tokens_equal_hqq_pytorch_in_both_runtimes(e2e):
+    """The exact exports (hqexport's and our fp32 graph of hqq's dequantized weights) decode PyTorch-hqq's tokens,
+    through onnxruntime and through onnxruntime-genai."""
+    variants = e2e["variants"]
+    reference = variants["pytorch-hqq"]["tokens"]
+    assert len(reference) == 6  # the prompt's next token + 5 decode steps
+    for variant in ("hqexport", "hqexport-fp32"):
+        assert variants[variant]["tokens"] == reference, variant
+        assert variants[variant]["genai_tokens"] == reference, variant
