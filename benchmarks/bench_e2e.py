@@ -5,7 +5,8 @@
 
 In a work folder it builds, each in its own process (wall time, peak RSS):
 
-- hqexport: `convert` (the exact default), `--ops hqq` (run on the compiled kernel library), `--accuracy-level 4
+- hqexport: `convert` (the exact default), `--ops hqq --with-kernels` (the compiled kernel library in the folder, named
+  in genai_config.json), `--accuracy-level 4
   --lm-head int8` and `--accuracy-level 4 --lm-head int4` (lossy), and `hqexport-fp32`: the same graph on hqq's
   dequantized weights as plain fp32 MatMuls (our own fp32 export);
 - onnxruntime-genai's model builder (`python -m onnxruntime_genai.models.builder -e cpu`) on a Hugging Face folder
@@ -46,7 +47,7 @@ VARIANTS = {
     "builder-int4": ("builder -p int4 defaults (accuracy_level 4, block 32)", ("builder", "-p int4")),
     "hqexport-fp32": ("hqexport graph, dequantized fp32 weights", ("convert-fp32", [])),
     "hqexport": ("hqexport convert (default: exact)", ("convert", [])),
-    "hqexport-kernels": ("convert --ops hqq + compiled kernels (exact)", ("convert", ["--ops", "hqq"])),
+    "hqexport-kernels": ("convert --ops hqq --with-kernels (exact)", ("convert", ["--ops", "hqq", "--with-kernels"])),
     "hqexport-fast": ("convert --accuracy-level 4 --lm-head int8 (lossy)", ("convert", ["--accuracy-level", "4", "--lm-head", "int8"])),
     "hqexport-fast-int4": ("convert --accuracy-level 4 --lm-head int4 (lossy)", ("convert", ["--accuracy-level", "4", "--lm-head", "int4"])),
 }
@@ -319,18 +320,6 @@ def graph_facts(folder: Path) -> dict:
     return {"nodes": len(model.graph.node), "nodes_per_layer": len(model.graph.node) / layers, "file_bytes": sum(p.stat().st_size for p in files)}
 
 
-def kernel_genai_config(folder: Path, library: str) -> None:
-    """Copy the compiled kernel library into the folder and name it in genai_config (onnxruntime-genai loads
-    custom ops only from inside the model folder)."""
-    import shutil
-
-    shutil.copy2(library, folder / Path(library).name)
-    path = folder / "genai_config.json"
-    config = json.loads(path.read_text())
-    config["model"]["decoder"]["session_options"]["custom_ops_library"] = Path(library).name
-    path.write_text(json.dumps(config, indent=2))
-
-
 def build(source: Path, work: Path, selected: list[str], group_size: int, reuse: bool) -> tuple[dict[str, Path | str], dict]:
     """Build what the selected variants need: (variant -> folder, or why it is skipped; build facts per variant)."""
     paths: dict[str, Path | str] = {}
@@ -357,14 +346,8 @@ def build(source: Path, work: Path, selected: list[str], group_size: int, reuse:
         else:
             facts[variant] = run_task({"task": "convert", "variant": variant, "source": str(source), "out": str(out), "args": options}, work, reuse)
         paths[variant] = out
-        if variant == "hqexport-kernels":
-            from hqexport.kernels import KernelBuildError, library_path
-
-            try:
-                library = str(library_path(build=True))
-                kernel_genai_config(out, library)
-            except KernelBuildError as error:
-                paths[variant] = f"kernel library not built: {error}"
+        if variant == "hqexport-kernels":  # convert --with-kernels put the library into the folder
+            library = str(out / json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["custom_ops_library"])
     return paths, {"variants": facts, "library": library}
 
 

@@ -100,6 +100,12 @@ def inspect(path: Path, as_json: bool) -> None:
     "block: faster decode on CPU, but no longer HQQ's result (validate reports how far it moved).",
 )
 @click.option(
+    "--with-kernels",
+    is_flag=True,
+    help="With --ops hqq: copy the compiled kernel library (built if needed, see `hqexport kernels build`) into OUT "
+    "and name it in genai_config.json, so onnxruntime-genai runs the hqexport ops packed and fast.",
+)
+@click.option(
     "--lm-head",
     type=click.Choice(["fp32", "int8", "int4"]),
     default="fp32",
@@ -114,7 +120,7 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def convert(
     source: Path, out: Path, adapters: tuple[str, ...], adapter_mode: str | None, ops: str, accuracy_level: str,
-    lm_head: str, dtype: str, opset: int | None, force: bool, as_json: bool,
+    with_kernels: bool, lm_head: str, dtype: str, opset: int | None, force: bool, as_json: bool,
 ) -> None:
     """Export an HQQ model folder (and its LoRA adapters) to an ONNX folder.
 
@@ -125,8 +131,8 @@ def convert(
     from hqexport.convert import convert as run_convert
 
     summary = run_convert(
-        source, out, dtype=dtype, opset=opset, ops=ops, accuracy_level=int(accuracy_level), lm_head=lm_head, adapters=adapters,
-        adapter_mode=adapter_mode, force=force, progress=not as_json,
+        source, out, dtype=dtype, opset=opset, ops=ops, accuracy_level=int(accuracy_level), lm_head=lm_head,
+        with_kernels=with_kernels, adapters=adapters, adapter_mode=adapter_mode, force=force, progress=not as_json,
     )
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))

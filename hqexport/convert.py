@@ -76,6 +76,7 @@ def convert(
     ops: str = "auto",
     accuracy_level: int = 0,
     lm_head: str = "fp32",
+    with_kernels: bool = False,
     adapters: Sequence[str] = (),
     adapter_mode: str | None = None,
     force: bool = False,
@@ -87,7 +88,9 @@ def convert(
     bake or merge. ops: auto (MatMulNBits where it is exact, hqexport op elsewhere), hqq (hqexport op
     everywhere) or ort (MatMulNBits everywhere, an error for a layer it cannot express). accuracy_level: of the
     MatMulNBits nodes (ACCURACY_LEVELS); 4 trades HQQ's exact result for int8 activations. lm_head: fp32 (exact)
-    or a lossy int8 / int4 requantization of an fp head (lower/lm_head.py).
+    or a lossy int8 / int4 requantization of an fp head (lower/lm_head.py). with_kernels (with ops hqq): put the
+    compiled kernel library (built if needed) into the folder and name it in genai_config.json, so that
+    onnxruntime-genai runs the hqexport ops on it.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -97,6 +100,8 @@ def convert(
         raise HQExportError(f"--ops {ops!r} is not supported; choose {', '.join(OPS)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise HQExportError(f"--accuracy-level {accuracy_level} is not supported; choose {', '.join(map(str, ACCURACY_LEVELS))}")
+    if with_kernels and ops != "hqq":
+        raise HQExportError(f"--with-kernels packages the library that runs hqexport ops; --ops {ops} lowers them to MatMulNBits, use --ops hqq")
     if accuracy_level and ops == "hqq":
         raise HQExportError("--accuracy-level sets how MatMulNBits computes; --ops hqq writes no MatMulNBits node")
     if adapter_mode is not None and adapter_mode not in MODES:
@@ -154,7 +159,8 @@ def convert(
         for path in qmodel.tokenizer_files:
             shutil.copy2(path, staging / path.name)
         config.save_pretrained(staging)  # config.json: what transformers-based runtimes (optimum) read
-        (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(config, io), indent=2))
+        library = _copy_kernels(staging, steps) if with_kernels else None
+        (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(config, io, custom_ops_library=library), indent=2))
         outputs = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         architecture = config.architectures[0] if config.architectures else qmodel.architecture
         manifest = build_manifest(
@@ -164,7 +170,7 @@ def convert(
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         onnx_bytes = sum((staging / name).stat().st_size for name in outputs if name in (MODEL_FILE, DATA_FILE))
 
-    packed, fp = _exported_bytes(qmodel, DTYPES[dtype].itemsize)
+    packed, fp = _exported_bytes(qmodel, DTYPES[dtype].itemsize, tied=config.tie_word_embeddings)
     return ConvertSummary(
         out=out,
         architecture=architecture,
@@ -210,6 +216,16 @@ def _merge(qmodel: QuantizedModel, specs: list[AdapterSpec], steps: _Steps) -> t
     return merged, {spec.name: entry}
 
 
+def _copy_kernels(staging: Path, steps: _Steps) -> str:
+    """Copy the compiled kernel library into the folder (onnxruntime-genai loads custom ops only from there)."""
+    from hqexport.kernels import library_path
+
+    with steps("Building / finding the compiled kernel library (--with-kernels)"):
+        library = library_path(build=True)  # KernelBuildError (an HQExportError) says why it cannot be built
+    shutil.copy2(library, staging / library.name)
+    return library.name
+
+
 def _check_all_lowerable(qmodel: QuantizedModel) -> None:
     """--ops ort: refuse before the long export when a layer has no exact MatMulNBits form."""
     for path, layer in qmodel.linears.items():
@@ -246,13 +262,18 @@ def _count_ops(layer_ops: dict[str, dict[str, Any]]) -> dict[str, int]:
     return dict(Counter(entry["op"] for entry in layer_ops.values()))
 
 
-def _exported_bytes(qmodel: QuantizedModel, act_itemsize: int) -> tuple[int, int]:
-    """(packed codes + scale + zero + bias of the quantized layers, the fp tensors in the activation dtype)."""
+def _exported_bytes(qmodel: QuantizedModel, act_itemsize: int, *, tied: bool) -> tuple[int, int]:
+    """(packed codes + scale + zero + bias of the quantized layers, the fp tensors in the activation dtype, a tied
+    head counted once)."""
     packed = 0
     for layer in qmodel.linears.values():
         words, bits = canonical_shape(layer.out_features, layer.in_features, storage_bits(layer.fmt)), storage_bits(layer.fmt)
         packed += words[0] * words[1] * (4 if bits == 3 else 1) + layer.meta_bytes
-    fp = sum(tensor.numel() * act_itemsize for tensor in qmodel.tensors.values() if tensor.is_floating_point())
+    fp = sum(
+        tensor.numel() * act_itemsize
+        for key, tensor in qmodel.tensors.items()
+        if tensor.is_floating_point() and not (tied and key == "lm_head.weight")
+    )
     return packed, fp
 
 

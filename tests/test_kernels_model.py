@@ -17,6 +17,7 @@ import torch
 from onnx import TensorProto
 
 from hqexport.convert import convert
+from hqexport.errors import HQExportError
 from hqexport.kernels import register
 from hqexport.ops.schema import DOMAIN, OP_TYPE
 from tests.conftest import FORMATS
@@ -104,3 +105,43 @@ def test_kernel_session_keeps_weights_packed(exported: Exported, tmp_path: Path)
     plain = onnx.load(str(tmp_path / "plain.onnx"), load_external_data=False)
     assert not any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in plain.graph.node)
     assert len(_float_weights(plain, shapes)) >= layers
+
+
+def test_with_kernels_folder_runs_in_onnxruntime_genai(hqq_source, tmp_path):
+    """convert --ops hqq --with-kernels: the library is in the folder and named in genai_config.json, so
+    onnxruntime-genai runs the hqexport ops; its greedy tokens equal those of onnxruntime with the library."""
+    import json
+
+    import onnxruntime_genai as og
+
+    out = tmp_path / "onnx"
+    convert(hqq_source("llama", "pickle", **FORMATS["4bit"]), out, ops="hqq", with_kernels=True, progress=False)
+    library = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["custom_ops_library"]
+    assert (out / library).is_file() and library in json.loads((out / "hqexport.json").read_text())["outputs"]
+    prompt, steps = PROMPTS[0], 6
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([prompt])
+    genai = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        genai.append(int(generator.get_next_tokens()[0]))
+    session = _session(out / "model.onnx", with_library=True)
+    ids, expected = list(prompt), []
+    for _ in range(len(genai)):  # no cache: each step reruns the whole sequence
+        feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64), "position_ids": np.arange(len(ids))[None]}
+        for inp in session.get_inputs():
+            if inp.name.startswith("past_key_values"):
+                feeds[inp.name] = np.zeros((1, inp.shape[1], 0, inp.shape[3]), np.float32)
+        token = int(session.run(["logits"], feeds)[0][0, -1].argmax())
+        expected.append(token)
+        ids.append(token)
+    assert genai == expected and len(genai) == steps
+
+
+def test_with_kernels_needs_ops_hqq(hqq_source, tmp_path):
+    with pytest.raises(HQExportError, match="--with-kernels packages the library that runs hqexport ops"):
+        convert(hqq_source("llama", "pickle", **FORMATS["4bit"]), tmp_path / "out", with_kernels=True, progress=False)
+    assert list(tmp_path.iterdir()) == []

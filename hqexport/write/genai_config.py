@@ -27,7 +27,8 @@ _SEARCH = {
 }
 
 
-def genai_config(config: transformers.PretrainedConfig, io: DecoderIO) -> dict[str, Any]:
+def genai_config(config: transformers.PretrainedConfig, io: DecoderIO, custom_ops_library: str | None = None) -> dict[str, Any]:
+    """custom_ops_library: a library file in the folder that onnxruntime-genai registers with the session."""
     eos = config.eos_token_id
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
     context_length = int(config.max_position_embeddings)
@@ -40,7 +41,10 @@ def genai_config(config: transformers.PretrainedConfig, io: DecoderIO) -> dict[s
             "vocab_size": config.vocab_size,
             "context_length": context_length,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {
+                    "log_id": "onnxruntime-genai", "provider_options": [],
+                    **({"custom_ops_library": custom_ops_library} if custom_ops_library else {}),
+                },
                 "filename": MODEL_FILE,
                 "head_size": io.head_dim,
                 "hidden_size": config.hidden_size,
