@@ -24,7 +24,9 @@ from hqexport.cli import main
 from hqexport.convert import convert
 from hqexport.errors import HQExportError, UnsupportedModelError
 from hqexport.formats import unpack_canonical
+from hqexport.read.live import read_live_model
 from hqexport.read.source import read_source
+from hqexport.sample import build_sample_model
 from tests.conftest import FORMATS
 
 PROMPTS = [[5, 17, 42, 9, 100, 7], [260, 3, 11, 64, 2, 88]]
@@ -403,3 +405,44 @@ def test_decoder_layers_are_fused_and_share_packed_nodes(exported: Exported):
         assert len(by_node) == 2 * layers  # q/k/v and gate/up in every layer
     elif not one_format or exported.case.quant.get("axis") == 0:
         assert not by_node  # mixed formats and axis-0 groups are never packed
+
+
+@pytest.mark.parametrize("arch, window", [
+    ("mistral", dict(sliding_window=4)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),  # layer 0 full, layer 1 windowed
+])
+def test_sliding_window_attention_matches_pytorch(arch, window, tokenizer, tmp_path):
+    """A window shorter than the prompt: GroupQueryAttention's local window attends what transformers' mask does."""
+    live = build_sample_model(arch, vocab_size=tokenizer.vocab_size, **window)
+    convert(read_live_model(live), tmp_path / "out", progress=False)
+    ids = torch.tensor([[5, 17, 33, 2, 9, 100, 7, 8, 40, 41]])
+    with torch.inference_mode():
+        expected = live(input_ids=ids).logits
+        full = build_sample_model(arch, vocab_size=tokenizer.vocab_size)(input_ids=ids).logits  # same seed, no window
+    assert not torch.allclose(expected[:, 4:], full[:, 4:], atol=1e-3)  # the window changes the later positions
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()), "position_ids": np.arange(10)[None]}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values"):
+            feeds[inp.name] = np.zeros((1, inp.shape[1], 0, inp.shape[3]), np.float32)
+    got = session.run(["logits"], feeds)[0]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-5)
+    # the last token again, decoded through the cache of the first nine
+    names = [o.name for o in session.get_outputs()]
+    first = {key: value[:, :9] for key, value in feeds.items() if not key.startswith("past")}
+    prefill = dict(zip(names, session.run(None, {**feeds, **first})))
+    step = {"input_ids": ids.numpy()[:, 9:], "attention_mask": np.ones((1, 10), np.int64), "position_ids": np.array([[9]])}
+    step |= {name.replace("present", "past_key_values"): value for name, value in prefill.items() if name.startswith("present")}
+    np.testing.assert_allclose(session.run(["logits"], step)[0][:, -1], expected.numpy()[:, -1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported: its frequencies change"),
+    ({"hidden_act": "gelu"}, "LlamaForCausalLM with activation 'gelu' is not supported"),
+])
+def test_what_the_graph_cannot_compute_is_refused(small_source, tmp_path, change, message):
+    qmodel = read_source(small_source)
+    qmodel.config.update(change)
+    with pytest.raises(UnsupportedModelError, match=message):
+        convert(qmodel, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []

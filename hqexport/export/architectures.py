@@ -80,9 +80,16 @@ def head_dim(config: transformers.PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def sliding_window(config: transformers.PretrainedConfig) -> int | None:
-    """The attention window (tokens), or None for full causal attention."""
+def sliding_window(config: transformers.PretrainedConfig, layer: int) -> int | None:
+    """Layer `layer`'s attention window (tokens), or None for full causal attention.
+
+    `layer_types` (Qwen2 with use_sliding_window: full attention below max_window_layers) decides per layer where
+    the config has it; otherwise `sliding_window` applies to every layer (Mistral).
+    """
     window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer] != "sliding_attention":
+        return None
     if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
         return None
     return int(window) if window else None

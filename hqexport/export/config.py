@@ -77,7 +77,7 @@ def check_weights(qmodel: QuantizedModel, config: transformers.PretrainedConfig)
             raise HQExportError(
                 f"quantized layer {path} has shape {list(layer.shape)}, but {arch} has {there} there", _config_file(qmodel)
             )
-    unexpected = [key for key, tensor in qmodel.tensors.items() if expected.get(key, tuple(tensor.shape)) != tuple(tensor.shape) or key not in expected]
+    unexpected = [key for key, tensor in qmodel.tensors.items() if expected.get(key) != tuple(tensor.shape)]
     if unexpected:
         raise HQExportError(f"the weights hold tensors {arch} does not have: {', '.join(unexpected[:5])}", _config_file(qmodel))
     provided = set(qmodel.tensors) | {f"{path}.{kind}" for path, layer in qmodel.linears.items() for kind in ("weight", "bias")}

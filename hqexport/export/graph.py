@@ -29,7 +29,6 @@ from hqexport.errors import UnsupportedModelError
 from hqexport.export.architectures import architecture, embedding_scale, head_dim, rotary_class, sliding_window
 from hqexport.export.decoder import DecoderIO
 from hqexport.export.lazy import lazy_tensor
-from hqexport.formats import storage_bits
 from hqexport.formats.dequant import numpy_dtype, tensor_to_numpy
 from hqexport.model import QuantizedLinear, QuantizedModel
 from hqexport.ops.inputs import packed_inputs
@@ -108,7 +107,8 @@ class _Builder:
         return node.outputs[0] if outputs == 1 else tuple(node.outputs)
 
     def constant(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array, name=name))
+        dtype = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=dtype, const_value=ir.tensor(array, name=name))
         self.graph.register_initializer(value)
         return value
 
@@ -118,10 +118,10 @@ class _Builder:
         self.graph.register_initializer(value)
         return value
 
-    def fp_tensor(self, key: str, dtype: np.dtype | None = None, offset: float = 0.0) -> ir.Value:
-        """An fp tensor of the source (e.g. a norm weight), in `dtype` (default: the activation dtype)."""
+    def fp_tensor(self, key: str, offset: float = 0.0) -> ir.Value:
+        """An fp tensor of the source (e.g. a norm weight) in the activation dtype; `offset` is added in fp32 first."""
         tensor = self.qmodel.tensors[key]  # config.check_weights made sure the source has it
-        dtype = np.dtype(dtype or self.act)
+        dtype = np.dtype(self.act)
 
         def load(tensor: torch.Tensor = tensor) -> np.ndarray:
             array = tensor_to_numpy(tensor).astype(np.float32 if offset else dtype)
@@ -151,7 +151,9 @@ class _Builder:
         presents: list[ir.Value] = []
         for index in range(io.num_layers):
             prefix = f"model.layers.{index}"
-            attention, key, value = self.attention(index, normed, past[2 * index], past[2 * index + 1], seqlens_k, total_length, cos, sin, position_ids)
+            attention, key, value = self.attention(
+                index, normed, past[2 * index : 2 * index + 2], seqlens_k, total_length, cos, sin, position_ids
+            )
             presents += [key, value]
             normed, residual = self.skip_norm(attention, residual, f"{prefix}.post_attention_layernorm", f"/{prefix}/post_attention_layernorm")
             mlp = self.mlp(prefix, normed)
@@ -169,7 +171,8 @@ class _Builder:
     def sequence_lengths(self, attention_mask: ir.Value) -> tuple[ir.Value, ir.Value]:
         """GroupQueryAttention's seqlens_k (attended tokens - 1, int32 [batch]) and total length (int32 scalar)."""
         name = "/model/attn_mask_reformat"
-        summed = self.op("ReduceSum", [attention_mask, self.constant("one_axis", np.array([1], np.int64))], keepdims=0, dtype=ir.DataType.INT64, name=f"{name}/ReduceSum")
+        axis = self.constant("one_axis", np.array([1], np.int64))
+        summed = self.op("ReduceSum", [attention_mask, axis], keepdims=0, dtype=ir.DataType.INT64, name=f"{name}/ReduceSum")
         minus_one = self.op("Sub", [summed, self.constant("one_int64", np.array(1, np.int64))], dtype=ir.DataType.INT64, name=f"{name}/Sub")
         seqlens_k = self.op("Cast", [minus_one], to=ir.DataType.INT32, name=f"{name}/Cast_seqlens")
         total = self.op("Shape", [attention_mask], start=1, end=2, dtype=ir.DataType.INT64, name=f"{name}/Shape")
@@ -216,22 +219,26 @@ class _Builder:
         mean.type = inverse_std.type = ir.TensorType(ir.DataType.FLOAT)
         return normed, summed
 
-    def attention(self, index: int, x: ir.Value, past_key: ir.Value, past_value: ir.Value, seqlens_k: ir.Value,
-                  total_length: ir.Value, cos: ir.Value, sin: ir.Value, position_ids: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+    def attention(
+        self, index: int, x: ir.Value, past: Sequence[ir.Value], seqlens_k: ir.Value, total_length: ir.Value,
+        cos: ir.Value, sin: ir.Value, position_ids: ir.Value,
+    ) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """(attention output after o_proj, present key, present value) of layer `index`; past is (key, value)."""
         prefix = f"model.layers.{index}"
         config, io = self.config, self.io
         q_size, kv_size = config.num_attention_heads * io.head_dim, io.num_key_value_heads * io.head_dim
         projections = self.linears(prefix, self.arch.attention, x, "self_attn.qkv_proj", [q_size, kv_size, kv_size])
         if self.arch.qk_norm:
-            q, k, v = projections if len(projections) == 3 else self.split(projections[0], [q_size, kv_size, kv_size], f"/{prefix}/self_attn/qkv_split")
+            sizes = [q_size, kv_size, kv_size]
+            q, k, v = projections if len(projections) == 3 else self.split(projections[0], sizes, f"/{prefix}/self_attn/qkv_split")
             q = self.head_norm(q, f"{prefix}.self_attn.q_norm", config.num_attention_heads)
             k = self.head_norm(k, f"{prefix}.self_attn.k_norm", io.num_key_value_heads)
             projections = [q, k, v]
         query, key, value = (projections + [None, None])[:3] if len(projections) == 1 else projections
-        window = sliding_window(config)
+        window = sliding_window(config, index)
         output, present_key, present_value = self.op(
             "GroupQueryAttention",
-            [query, key, value, past_key, past_value, seqlens_k, total_length, cos, sin, position_ids],
+            [query, key, value, *past, seqlens_k, total_length, cos, sin, position_ids],
             domain=MS_DOMAIN, outputs=3, name=f"/{prefix}/self_attn/GroupQueryAttention",
             num_heads=config.num_attention_heads, kv_num_heads=io.num_key_value_heads, do_rotary=1,
             rotary_interleaved=0, scale=float(io.head_dim ** -0.5), local_window_size=window if window else -1,
@@ -241,9 +248,11 @@ class _Builder:
     def head_norm(self, x: ir.Value, module: str, heads: int) -> ir.Value:
         """Qwen3's RMSNorm over each head of q or k: [.., heads * head_dim] -> per head -> back."""
         name = f"/{module.replace('.', '/')}"
-        per_head = self.op("Reshape", [x, self.constant(f"{name}/heads_shape", np.array([0, 0, heads, self.io.head_dim], np.int64))], name=f"{name}/Reshape")
+        heads_shape = self.constant(f"{name}/heads_shape", np.array([0, 0, heads, self.io.head_dim], np.int64))
+        per_head = self.op("Reshape", [x, heads_shape], name=f"{name}/Reshape")
         normed = self.rms_norm(per_head, module, name)
-        return self.op("Reshape", [normed, self.constant(f"{name}/merged_shape", np.array([0, 0, heads * self.io.head_dim], np.int64))], name=f"{name}/Reshape_back")
+        merged_shape = self.constant(f"{name}/merged_shape", np.array([0, 0, heads * self.io.head_dim], np.int64))
+        return self.op("Reshape", [normed, merged_shape], name=f"{name}/Reshape_back")
 
     def mlp(self, prefix: str, x: ir.Value) -> ir.Value:
         intermediate = self.config.intermediate_size
@@ -294,10 +303,12 @@ class _Builder:
         """One hqexport.HQQMatMul computing the layers `paths` (concatenated along N) from x."""
         layers = [self.quantized[path] for path in paths]
         inputs = packed_inputs(layers, self.act)
-        values = {key: self.weight(f"{name}.{key_suffix}", spec.dtype, spec.shape, spec.load)
-                  for key, key_suffix, spec in ((key, suffix, inputs.tensors[key]) for key, suffix in _SUFFIXES.items() if key in inputs.tensors)}
+        values = {
+            key: self.weight(f"{name}.{_SUFFIXES[key]}", spec.dtype, spec.shape, spec.load) for key, spec in inputs.tensors.items()
+        }
         node = node_name(name)
-        y = self.op(OP_TYPE, [x, values["weight"], values["scale"], values["zero"], values.get("bias")], domain=DOMAIN, name=node, **inputs.attributes)
+        operands = [x, values["weight"], values["scale"], values["zero"], values.get("bias")]
+        y = self.op(OP_TYPE, operands, domain=DOMAIN, name=node, **inputs.attributes)
         initializers = {key: (values[key].name if key in values else None) for key in _SUFFIXES}
         start = 0
         for path, layer in zip(paths, layers):
@@ -316,10 +327,10 @@ def _packable(layers: Sequence[QuantizedLinear | None]) -> bool:
     if any(layer is None for layer in layers):
         return False
     first = layers[0]
-    return first.fmt.axis == 1 and all(
-        (layer.fmt, layer.compute_dtype, layer.in_features, storage_bits(layer.fmt)) == (first.fmt, first.compute_dtype, first.in_features, storage_bits(first.fmt))
-        for layer in layers
-    )
+    def key(layer: QuantizedLinear) -> tuple:
+        return (layer.fmt, layer.compute_dtype, layer.in_features)
+
+    return first.fmt.axis == 1 and all(key(layer) == key(first) for layer in layers)
 
 
 def rotary_tables(config: transformers.PretrainedConfig) -> tuple[np.ndarray, np.ndarray]:

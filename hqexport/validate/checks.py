@@ -155,7 +155,8 @@ def check_blocks(ctx: Context) -> CheckResult:
     if first_bad is not None:
         row = rows[first_bad]
         how = row.get("error") or f"relative error {row['relative']:.3g} > {limit:g}"
-        return CheckResult("per-layer", False, figures, threshold, f"block {first_bad} ({ctx.reference.blocks_path}.{first_bad}) diverges first: {how}")
+        where = f"block {first_bad} ({ctx.reference.blocks_path}.{first_bad})"
+        return CheckResult("per-layer", False, figures, threshold, f"{where} diverges first: {how}")
     missing = count - len(located)
     note = f"; {missing} block outputs not located" if missing else ""
     return CheckResult("per-layer", True, figures, threshold, f"{len(located)} blocks, max relative error {figures['max_relative']:.3g}{note}")
@@ -268,7 +269,8 @@ def check_generation(ctx: Context) -> CheckResult:
     figures = {"prompts": rows, "identical": identical, "tokens": ctx.tokens}
     if ctx.lossy:
         return CheckResult("generation", None, figures, {"tokens": "measured (lossy export)"},
-                           f"lossy export ({', '.join(ctx.lossy)}): measured, not required; {identical}/{len(rows)} prompts identical over {ctx.tokens} tokens")
+                           f"lossy export ({', '.join(ctx.lossy)}): measured, not required; "
+                           f"{identical}/{len(rows)} prompts identical over {ctx.tokens} tokens")
     threshold = {"tokens": "identical (near-ties excused)"}
     if bad:
         row = rows[bad[0]]
