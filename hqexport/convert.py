@@ -29,7 +29,7 @@ from hqexport.export.decoder import decoder_io
 from hqexport.export.graph import DecoderGraph, LayerNode, build_decoder
 from hqexport.files import DATA_FILE, GENAI_CONFIG_FILE, MANIFEST_FILE, MODEL_FILE
 from hqexport.formats import canonical_shape, storage_bits
-from hqexport.lower import HEAD_PATH, LowerToMatMulNBits, head_choice, matmulnbits_blocker, quantize_head
+from hqexport.lower import HEAD_PATH, LowerToMatMulNBits, head_choice, matmulnbits_blocker, quantize_head, share_embedding
 from hqexport.model import QuantizedModel
 from hqexport.ops.schema import DOMAIN, OP_TYPE
 from hqexport.read.folder import sha256
@@ -151,7 +151,11 @@ def convert(
             with steps(f"Lowering to MatMulNBits where exact (--ops {ops})"):
                 _lower(graph, layer_ops, ops, accuracy_level)
         if head is not None:  # not a layer of the source: the manifest describes it under model.lm_head
-            choice = dataclasses.replace(choice, op=layer_ops.pop(HEAD_PATH)["op"])
+            head_op = layer_ops.pop(HEAD_PATH)
+            shared = config.tie_word_embeddings and head_op["op"] == "com.microsoft.MatMulNBits"
+            if shared:
+                share_embedding(graph.model, head_op["initializers"], bits=storage_bits(head.fmt), block_size=head.fmt.group_size)
+            choice = dataclasses.replace(choice, op=head_op["op"], shared_with_embedding=shared if config.tie_word_embeddings else None)
         with steps("Writing model.onnx, model.onnx.data and checking them"):
             write_onnx(graph.model, staging)
             if adapter_export is not None:

@@ -30,11 +30,14 @@ from hqexport.ops import op_inputs
 from hqexport.read.live import read_live_model
 from hqexport.read.source import read_source
 from hqexport.validate import validate
+from hqexport.validate.blocks import with_extra_outputs
 from hqexport.validate.exported import open_exported
 from hqexport.validate.metrics import top1_agreement
+from hqexport.validate.onnx_session import OnnxDecoder
 from hqexport.validate.reference import load_reference
 from hqexport.validate.thresholds import thresholds_for
 from hqexport.validate.weights import decode_layers
+from tests.conftest import FORMATS
 
 FLIPPED = "model.layers.1.self_attn.q_proj"
 SWAPPED = "model.layers.0.mlp.down_proj"  # a node of its own: gate_proj shares its scale and zero with up_proj
@@ -131,22 +134,25 @@ def test_accuracy_level_4_is_recorded_and_validate_measures_what_it_costs(source
     assert result.exit_code == 2 and "--ops hqq writes no MatMulNBits node" in result.stderr
 
 
-def test_lm_head_int4_is_hqq_quantized_recorded_and_measured(source, tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_lm_head_int4_is_hqq_quantized_recorded_and_measured(hqq_source, tmp_path, tied):
     """--lm-head int4: the fp head becomes hqq's own 4-bit g32 quantization of it (weights compared with hqq's
     quantizer run here), the manifest calls it lossy, and validate judges the logits by top-1 agreement."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
+    source = hqq_source("llama", "pickle", tie_word_embeddings=tied, **FORMATS["4bit"])
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["convert", str(source), "-o", str(out), "--lm-head", "int4"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "hqexport.json").read_text())
-    assert manifest["model"]["lm_head"] == {"format": "int4", "lossy": True, "group_size": 32, "op": "com.microsoft.MatMulNBits"}
-    assert manifest["model"]["lossy"] == ["lm_head int4"] and "lm_head" not in manifest["layers"]
+    qmodel = read_source(source)
+    head_entry = {"format": "int4", "lossy": True, "group_size": 32, "op": "com.microsoft.MatMulNBits"}
+    assert manifest["model"]["lm_head"] == {**head_entry, **({"shared_with_embedding": True} if tied else {})}
+    assert manifest["model"]["lossy"] == ["lm_head int4" + (" (the tied embedding too)" if tied else "")]
+    assert "lm_head" not in manifest["layers"]
     model = onnx.load(str(out / "model.onnx"))
     initializers = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("lm_head"))
-    qmodel = read_source(source)
-    tied = json.loads((source / "config.json").read_text()).get("tie_word_embeddings", False)
     embedding = qmodel.tensors["model.embed_tokens.weight" if tied else "lm_head.weight"].float()
     vocab, hidden = embedding.shape
     linear = torch.nn.Linear(hidden, vocab, bias=False)
@@ -160,6 +166,14 @@ def test_lm_head_int4_is_hqq_quantized_recorded_and_measured(source, tmp_path):
     reference = expected.dequantize().double().numpy()
     assert np.abs(weight.reshape(vocab, hidden) - reference).max() <= 1e-6 * np.abs(reference).max()
     assert np.abs(reference - embedding.double().numpy()).max() > 1e-3  # really requantized: it is lossy
+    if tied:  # the embedding reads the same quantized table: no fp copy of it is left in the file
+        assert "model.embed_tokens.weight" not in initializers
+        assert [n.op_type for n in model.graph.node].count("GatherBlockQuantized") == 1
+        embedded = next(n.output[0] for n in reversed(model.graph.node) if n.name.startswith("/model/embed_tokens/"))
+        session = OnnxDecoder(out, "cpu", model=with_extra_outputs(onnx.load(str(out / "model.onnx"), load_external_data=False), [embedded], 1))
+        ids = np.array([[3, 17, vocab - 1]])
+        got = session.step(ids, session.empty_cache(1, 2, hidden // 4)).extras[embedded]
+        assert np.abs(got[0] - reference[ids[0]]).max() <= 1e-6 * np.abs(reference).max()  # the head's rows, dequantized
     logits = _checks(validate(out, **QUICK))["logits"]
     assert logits.threshold == {"top1_agreement": 0.95} and logits.figures["relative"] > 0
 

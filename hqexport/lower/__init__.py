@@ -1,6 +1,6 @@
 """Lowering passes: rewrite hqexport ops (and quantize the fp lm_head on request) into ops that stock onnxruntime runs fast."""
 
-from hqexport.lower.lm_head import HEAD_PATH, LM_HEADS, HeadChoice, head_choice, quantize_head
+from hqexport.lower.lm_head import HEAD_PATH, LM_HEADS, HeadChoice, head_choice, quantize_head, share_embedding
 from hqexport.lower.matmulnbits import LowerToMatMulNBits, matmulnbits_blocker
 
-__all__ = ["HEAD_PATH", "LM_HEADS", "HeadChoice", "LowerToMatMulNBits", "head_choice", "matmulnbits_blocker", "quantize_head"]
+__all__ = ["HEAD_PATH", "LM_HEADS", "HeadChoice", "LowerToMatMulNBits", "head_choice", "matmulnbits_blocker", "quantize_head", "share_embedding"]

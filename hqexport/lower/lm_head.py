@@ -5,6 +5,8 @@ The head of a small model is most of the bytes a decode step reads (SmolLM2-135M
 with hqq's own quantizer (group size `HEAD_GROUP_SIZE` along K, hqq's default optimizer), and the head then
 becomes one more HQQ layer of the graph: an hqexport.HQQMatMul node, lowered to MatMulNBits like the others.
 The manifest records the choice under model.lm_head and model.lossy, and validate measures what it costs.
+A tied embedding then reads the same quantized table (`share_embedding`: com.microsoft.GatherBlockQuantized
+plus the zero-point correction of the gathered rows), so the fp table leaves the file.
 
 hqq rather than round-to-nearest: on SmolLM2 an RTN int4 head (onnxruntime's quantizer, block 32) agreed with
 the exact model's top-1 token at 70% of validate's positions. On CPU an 8-bit MatMulNBits is fast only at
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import onnx_ir as ir
 import torch
 from hqq.core.quantize import Quantizer, hqq_base_quant_config
 
@@ -25,6 +29,8 @@ from hqexport.read.meta import layer_from_meta
 LM_HEADS = ("fp32", "int8", "int4")
 HEAD_GROUP_SIZE = 32
 HEAD_PATH = "lm_head"
+EMBEDDING_NODE = "/model/embed_tokens/Gather"
+MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class HeadChoice:
     lossy: bool
     group_size: int | None = None
     op: str | None = None  # the op computing a head quantized by --lm-head
+    shared_with_embedding: bool | None = None  # a tied embedding reads the quantized head's table
 
     def to_json(self) -> dict:
         return {key: value for key, value in self.__dict__.items() if value is not None}
@@ -59,3 +66,45 @@ def quantize_head(qmodel: QuantizedModel, tied: bool, choice: HeadChoice) -> Qua
     packed, meta = Quantizer.quantize(weight, device="cpu", compute_dtype=torch.float32, **params)
     meta["compute_dtype"] = torch.float32
     return layer_from_meta(HEAD_PATH, packed, meta, None)
+
+
+def share_embedding(model: ir.Model, head: dict[str, str], *, bits: int, block_size: int) -> None:
+    """Make the embedding lookup read the lowered head's MatMulNBits tables (`head`: its initializer names).
+
+    Row v of MatMulNBits' B, scales and zero points is token v's embedding, in the layout GatherBlockQuantized
+    reads (codes along the hidden dim, least significant nibble first); the gathered rows of the zero-point
+    correction [blocks, vocab] are spread over their blocks by a 0/1 matrix and added. The fp table is dropped.
+    """
+    graph = model.graph
+    gather = next(node for node in graph if node.name == EMBEDDING_NODE)
+    table, ids = gather.inputs
+    vocab, hidden = table.shape
+    blocks = hidden // block_size
+    act = table.const_value.dtype.numpy()
+    name = "/model/embed_tokens"
+
+    def constant(suffix: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=f"{name}/{suffix}", const_value=ir.tensor(array, name=f"{name}/{suffix}"))
+        graph.register_initializer(value)
+        return value
+
+    def node(op_type: str, inputs: list[ir.Value], domain: str = "", **attributes) -> ir.Value:
+        new = ir.node(op_type, inputs, attributes or None, domain=domain, name=f"{name}/{op_type}_{len(added)}")
+        added.append(new)
+        return new.outputs[0]
+
+    added: list[ir.Node] = []
+    initializers = graph.initializers
+    data = node("Reshape", [initializers[head["B"]], constant("data_shape", np.array([vocab, -1], np.int64))])
+    scales = node("Reshape", [initializers[head["scales"]], constant("scales_shape", np.array([vocab, blocks], np.int64))])
+    zero_points = node("Reshape", [initializers[head["zero_points"]], constant("zero_points_shape", np.array([vocab, -1], np.int64))])
+    embedded = node("GatherBlockQuantized", [data, ids, scales, zero_points], MS_DOMAIN,
+                    bits=bits, block_size=block_size, quantize_axis=1, gather_axis=0)
+    if "zero_correction" in head:
+        rows = node("Gather", [node("Transpose", [initializers[head["zero_correction"]]], perm=[1, 0]), ids], axis=0)
+        spread = constant("correction_spread", np.kron(np.eye(blocks, dtype=act), np.ones((1, block_size), act)))
+        embedded = node("Add", [embedded, node("MatMul", [rows, spread])])
+    embedded.type, embedded.shape = gather.outputs[0].type, gather.outputs[0].shape
+    ir.convenience.replace_nodes_and_values(graph, gather, [gather], added, [gather.outputs[0]], [embedded])
+    if not table.uses():
+        del initializers[table.name]

@@ -49,7 +49,8 @@ def build_manifest(
     """
     accuracy_levels = {entry.get("lowering", {}).get("accuracy_level") for entry in layer_ops.values()}
     lossy = [f"accuracy_level {level}" for level in sorted(level for level in accuracy_levels if level)]
-    lossy += [f"lm_head {lm_head['format']}"] if lm_head.get("lossy") else []
+    if lm_head.get("lossy"):
+        lossy.append(f"lm_head {lm_head['format']}" + (" (the tied embedding too)" if lm_head.get("shared_with_embedding") else ""))
     source = qmodel.provenance
     layers = {}
     for path, layer in qmodel.linears.items():
