@@ -141,9 +141,9 @@ def convert(
         adapter_export = None
         if mode != "merge" and specs:
             with steps(f"Adding {len(specs)} adapter(s) ({mode})"):
-                layers_view = {
-                    path: {"node": node.node, "shape": list(qmodel.linears[path].shape), "initializers": node.initializers}
-                    for path, node in graph.layers.items()
+                layers_view = {  # the source's layers (a head quantized by --lm-head is not one)
+                    path: {"node": graph.layers[path].node, "shape": list(layer.shape), "initializers": graph.layers[path].initializers}
+                    for path, layer in qmodel.linears.items()
                 }
                 adapter_export = apply_adapters(graph.model, {"model": {"dtype": dtype}, "layers": layers_view}, specs, mode, qmodel.linears)
                 adapter_manifest = adapter_export.manifest

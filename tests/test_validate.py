@@ -178,6 +178,17 @@ def test_lm_head_int4_is_hqq_quantized_recorded_and_measured(hqq_source, tmp_pat
     assert logits.threshold == {"top1_agreement": 0.95} and logits.figures["relative"] > 0
 
 
+def test_lm_head_int8_with_an_adapter_validates_the_adapter(source, lora_adapter, tmp_path):
+    """A quantized head is not a layer of the source: adapters still bind to the source's layers and validate."""
+    out = tmp_path / "out"
+    args = ["convert", str(source), "-o", str(out), "--adapter", f"chat={lora_adapter}", "--lm-head", "int8", "--accuracy-level", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = validate(out, adapter="chat", **QUICK)
+    adapter = _checks(report)["adapter:chat"]
+    assert adapter.figures["adapter_effect_relative"] > 0 and "lm_head" not in json.loads((out / "hqexport.json").read_text())["layers"]
+
+
 def test_lm_head_choice_for_an_hqq_head_is_refused(source, tmp_path):
     qmodel = read_source(source)
     layer = next(iter(qmodel.linears.values()))
