@@ -22,7 +22,7 @@ from hqq.core.quantize import HQQLinear
 
 from hqexport.errors import HQExportError
 from hqexport.files import MANIFEST_FILE
-from hqexport.validate.checks import DECODE_STEPS, Context, logits_failures
+from hqexport.validate.checks import DECODE_STEPS, Context, judge_logits
 from hqexport.validate.metrics import difference, top1_agreement
 from hqexport.validate.reference import Reference, use_activation_dtype
 from hqexport.validate.result import CheckResult
@@ -105,8 +105,7 @@ def check_adapter(ctx: Context, name: str) -> CheckResult:
         "decisive_top1_mismatches": top1.decisive_mismatches,
         "adapter_effect_relative": effect.relative,  # how much the adapter moves the reference logits
     }
-    threshold = {"relative": limits.logits_relative, "cosine": limits.logits_cosine, "decisive_top1_mismatches": 0}
-    failures = logits_failures(diff, top1, limits)
+    failures, threshold = judge_logits(ctx, diff, top1)
     message = f"adapter {name}: " + ("; ".join(failures) if failures else f"relative {diff.relative:.3g}, cosine {diff.cosine:.6f}")
     return CheckResult(check, not failures, figures, threshold, message)
 

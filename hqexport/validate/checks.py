@@ -198,14 +198,22 @@ def check_logits(ctx: Context) -> CheckResult:
         "decisive_top1_mismatches": top1.decisive_mismatches,
     }
     summary = f"relative {diff.relative:.3g}, cosine {diff.cosine:.6f}, top-1 {top1.agree}/{top1.total}"
+    failures, threshold = judge_logits(ctx, diff, top1)
     if ctx.lossy:
-        threshold = {"top1_agreement": LOSSY_TOP1_AGREEMENT}
-        passed = top1.fraction >= LOSSY_TOP1_AGREEMENT
-        verdict = f"lossy export ({', '.join(ctx.lossy)}): top-1 agreement {top1.fraction:.1%}" + ("" if passed else f" < {LOSSY_TOP1_AGREEMENT:.0%}")
-        return CheckResult("logits", passed, figures, threshold, f"{verdict}; {summary}")
-    threshold = {"relative": limits.logits_relative, "cosine": limits.logits_cosine, "decisive_top1_mismatches": 0, "tie_margin": tie}
-    failures = logits_failures(diff, top1, limits)
+        verdict = "; ".join(failures) or f"top-1 agreement {top1.fraction:.1%}"
+        return CheckResult("logits", not failures, figures, threshold, f"lossy export ({', '.join(ctx.lossy)}): {verdict}; {summary}")
     return CheckResult("logits", not failures, figures, threshold, "; ".join(failures) if failures else summary)
+
+
+def judge_logits(ctx: Context, diff: Difference, top1: Top1) -> tuple[list[str], dict[str, Any]]:
+    """(failures, threshold) of logits against the reference: exactness, or for a lossy export top-1 agreement."""
+    if ctx.lossy:
+        agree = top1.fraction >= LOSSY_TOP1_AGREEMENT
+        return ([] if agree else [f"top-1 agreement {top1.fraction:.1%} < {LOSSY_TOP1_AGREEMENT:.0%}"]), {"top1_agreement": LOSSY_TOP1_AGREEMENT}
+    limits = ctx.thresholds
+    threshold = {"relative": limits.logits_relative, "cosine": limits.logits_cosine, "decisive_top1_mismatches": 0,
+                 "tie_margin": limits.logits_relative * diff.max_ref}
+    return logits_failures(diff, top1, limits), threshold
 
 
 def logits_failures(diff: Difference, top1: Top1, limits: Thresholds) -> list[str]:
