@@ -136,13 +136,13 @@ def convert(
                 head = quantize_head(qmodel, config.tie_word_embeddings, choice)
         with steps(f"Building the decoder graph (opset {opset})"):
             targets = {module for spec in specs for module in spec.modules} if mode != "merge" else set()
-            graph = build_decoder(qmodel, config, io, opset=opset, unpacked=targets, head=head)
+            graph = build_decoder(qmodel, config, io, opset=opset, own_outputs=targets, head=head)
         layer_ops = {path: _layer_entry(node) for path, node in graph.layers.items()}
         adapter_export = None
         if mode != "merge" and specs:
             with steps(f"Adding {len(specs)} adapter(s) ({mode})"):
                 layers_view = {  # the source's layers (a head quantized by --lm-head is not one)
-                    path: {"node": graph.layers[path].node, "shape": list(layer.shape), "initializers": graph.layers[path].initializers}
+                    path: {**_layer_entry(graph.layers[path]), "shape": list(layer.shape), "output": graph.layers[path].output}
                     for path, layer in qmodel.linears.items()
                 }
                 adapter_export = apply_adapters(graph.model, {"model": {"dtype": dtype}, "layers": layers_view}, specs, mode, qmodel.linears)

@@ -49,12 +49,13 @@ def setup(hqq_model, tmp_path_factory):
     qmodel = read_live_model(base)
     specs = load_adapters([f"{n}={root / n}" for n in CONFIGS], {k: v.shape for k, v in qmodel.linears.items()})
     config = model_config(qmodel)
-    targets = {module for spec in specs for module in spec.modules}  # convert keeps adapter targets unpacked too
-    graph = build_decoder(qmodel, config, decoder_io(config, torch.float32), opset=DEFAULT_OPSET, unpacked=targets)
+    targets = {module for spec in specs for module in spec.modules}  # each gets its own output, as convert does
+    graph = build_decoder(qmodel, config, decoder_io(config, torch.float32), opset=DEFAULT_OPSET, own_outputs=targets)
     manifest = {
         "model": {"dtype": "fp32"},
         "layers": {
-            path: {"node": node.node, "shape": list(qmodel.linears[path].shape), "initializers": node.initializers}
+            path: {"node": node.node, "shape": list(qmodel.linears[path].shape), "initializers": node.initializers,
+                   "rows": node.rows, "output": node.output}
             for path, node in graph.layers.items()
         },
     }
@@ -115,3 +116,32 @@ def test_bake_dora_adapter(setup, tmp_path):
     base, root, qmodel, specs, manifest, proto = setup
     export = apply_adapters(ir.from_proto(proto), manifest, [specs[1]], "bake", qmodel.linears)
     _assert_close(_onnx_logits(_write(export, tmp_path / "out")), _peft_logits(base, root / "style"))
+
+
+def test_dora_on_packed_biased_layers_matches_peft(hqq_model, tmp_path):
+    """Qwen2's q/k/v carry biases and stay one packed node: DoRA on q and v adds to their parts of its output and
+    subtracts their rows of the packed bias; onnxruntime matches PEFT through prefill and one cached step."""
+    base = hqq_model("qwen2", nbits=4, group_size=32, axis=1)
+    torch.manual_seed(5)
+    config = LoraConfig(init_lora_weights=False, r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for key, param in peft_model.named_parameters():
+            if "lora_B" in key:
+                param.mul_(0.3)
+            if "lora_magnitude_vector" in key:
+                param.mul_(1 + 0.2 * torch.rand_like(param))
+    peft_model.save_pretrained(tmp_path / "dora")
+    qmodel = read_live_model(base)
+    specs = load_adapters([f"dora={tmp_path / 'dora'}"], {k: v.shape for k, v in qmodel.linears.items()})
+    config = model_config(qmodel)
+    targets = {module for spec in specs for module in spec.modules}
+    graph = build_decoder(qmodel, config, decoder_io(config, torch.float32), opset=DEFAULT_OPSET, own_outputs=targets)
+    layers = {path: {"node": node.node, "shape": list(qmodel.linears[path].shape), "initializers": node.initializers,
+                     "rows": node.rows, "output": node.output} for path, node in graph.layers.items()}
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert q["node"] == layers["model.layers.0.self_attn.k_proj"]["node"] and q["rows"] and q["initializers"]["bias"]
+    export = apply_adapters(graph.model, {"model": {"dtype": "fp32"}, "layers": layers}, specs, "bake", qmodel.linears)
+    expected = _peft_logits(base, tmp_path / "dora")
+    assert np.abs(expected - _peft_logits(base, None)).max() > 0.05 * np.abs(expected).max()  # the adapter matters
+    _assert_close(_onnx_logits(_write(export, tmp_path / "out")), expected)

@@ -1,6 +1,7 @@
 """ONNX pass: a LoRA branch beside each target HQQ node.
 
-For a target layer whose node computes Y = A @ W^T (+ bias), the node's output is renamed Y_base and
+For a target layer whose node computes Y = A @ W^T (+ bias) (its output; for a layer packed with others, its
+part of the packed node's output: the layer entry's "output", with "rows"), that value is renamed Y_base and
     Y = Y_base + (A @ lora_A^T) @ (scaling * lora_B)^T
 is added right after it (so topological order holds and consumers of Y are untouched). With DoRA (PEFT's
 forward in eval mode, with f = m / ||W + scaling * B A||_row, a constant per output row once weights are frozen):
@@ -63,7 +64,8 @@ def insert_lora_branches(
 ) -> ir.Model | onnx.ModelProto:
     """Add a branch per entry of `branches`; returns the model (an ir.Model is changed in place).
 
-    `layers` is the manifest's "layers" section: per module path the ONNX node name and initializer names.
+    `layers` is the manifest's "layers" section: per module path the ONNX node name and initializer names (and, for a
+    layer packed with others, "rows" and the "output" value holding its part).
     overridable=True is separate mode (graph inputs with rank-0 defaults), False is bake mode (constants).
     """
     if isinstance(model, onnx.ModelProto):
@@ -110,7 +112,7 @@ def _add_branch(
         lora_b = _parameter(graph, lora_b_name(module), branch.lora_b_t.astype(dtype), None)
         factor = _parameter(graph, dora_scale_name(module), branch.dora_scale.astype(dtype), None) if branch.dora else None
 
-    y_base = node.outputs[0]
+    y_base = _layer_output(graph, node, layer)
     uses = list(y_base.uses())
     was_output = y_base.is_graph_output()
     y_name = y_base.name
@@ -130,7 +132,7 @@ def _add_branch(
         if bias:
             if bias not in graph.initializers:
                 raise HQExportError(f"the exported graph has no bias initializer {bias} for {module}")
-            new.append(op("Sub", [y_base, graph.initializers[bias]], "Sub_bias"))
+            new.append(op("Sub", [y_base, _layer_bias(graph, graph.initializers[bias], layer, prefix)], "Sub_bias"))
             no_bias = new[-1].outputs[0]
         new.append(op("Sub", [factor, one], "Sub_one"))
         new.append(op("Mul", [new[-1].outputs[0], no_bias], "Mul_base"))
@@ -145,4 +147,23 @@ def _add_branch(
         use.node.replace_input_with(use.idx, y)
     if was_output:
         graph.outputs[graph.outputs.index(y_base)] = y
-    graph.insert_after(node, new)
+    graph.insert_after(y_base.producer(), new)
+
+
+def _layer_output(graph: ir.Graph, node: ir.Node, layer: Mapping[str, Any]) -> ir.Value:
+    """The value holding this layer's output: the node's, or its named part of a packed node's."""
+    name = layer.get("output")
+    if not name:
+        return node.outputs[0]
+    found = next((value for other in graph for value in other.outputs if value.name == name), None)
+    if found is None:
+        raise HQExportError(f"the exported graph has no value {name} for {layer.get('node')}")
+    return found
+
+
+def _layer_bias(graph: ir.Graph, bias: ir.Value, layer: Mapping[str, Any], prefix: str) -> ir.Value:
+    """The layer's bias: the initializer, or its rows of a packed node's bias (a constant of its own)."""
+    rows = layer.get("rows")
+    if not rows:
+        return bias
+    return _parameter(graph, f"{prefix}/bias", bias.const_value.numpy()[rows[0] : rows[1]], None)

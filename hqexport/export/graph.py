@@ -9,14 +9,15 @@ Per decoder layer (the shape onnxruntime-genai's model builder gives its own mod
 The residual stream runs through the Skip norms' fourth output, which is named `block_output_name(i)` after
 layer i (validate reads the blocks there). Layers sharing an input and an HQQ format (axis 1) are packed
 into one node by concatenating their codes, scales and zeros along N: exact, since HQQ's groups of one row never
-reach another. A packed group stays one node per layer when an adapter targets one of its layers (the LoRA
-branch is added to that layer's own output, adapters/graph.py).
+reach another. When an adapter targets one of a packed node's layers, the node's output is split, and the LoRA
+branch is added to that layer's part (adapters/graph.py).
 
 Every weight is an `ir.LazyTensor`: its data is computed from the source only when the file is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ class LayerNode:
     node: str
     initializers: dict[str, str | None]  # op input ("weight", "scale", "zero", "bias") -> initializer name
     rows: tuple[int, int] | None = None  # the layer's output rows in a packed node, [start, stop)
+    output: str | None = None  # the value holding only this layer's output, split off a packed node's
 
 
 @dataclass
@@ -67,23 +69,24 @@ def build_decoder(
     io: DecoderIO,
     *,
     opset: int,
-    unpacked: Collection[str] = (),
+    own_outputs: Collection[str] = (),
     head: QuantizedLinear | None = None,
 ) -> DecoderGraph:
-    """The decoder graph of `qmodel`; the layers in `unpacked` (adapter targets) keep a node of their own.
+    """The decoder graph of `qmodel`; the layers in `own_outputs` (adapter targets) get an output value of their
+    own (`LayerNode.output`: their part of a packed node's output, split off).
 
     head: an HQQ layer computing lm_head in place of the fp head (convert --lm-head, lower/lm_head.py).
     """
-    builder = _Builder(qmodel, config, io, opset, set(unpacked), head)
+    builder = _Builder(qmodel, config, io, opset, set(own_outputs), head)
     return DecoderGraph(builder.build(), builder.layers)
 
 
 class _Builder:
     def __init__(
-        self, qmodel: QuantizedModel, config: transformers.PretrainedConfig, io: DecoderIO, opset: int, unpacked: set[str],
+        self, qmodel: QuantizedModel, config: transformers.PretrainedConfig, io: DecoderIO, opset: int, own_outputs: set[str],
         head: QuantizedLinear | None,
     ) -> None:
-        self.qmodel, self.config, self.io, self.unpacked = qmodel, config, io, unpacked
+        self.qmodel, self.config, self.io, self.own_outputs = qmodel, config, io, own_outputs
         self.quantized = {**qmodel.linears, **({head.name: head} if head is not None else {})}
         self.arch = architecture(config)
         self.act = numpy_dtype(io.dtype)
@@ -227,10 +230,10 @@ class _Builder:
         prefix = f"model.layers.{index}"
         config, io = self.config, self.io
         q_size, kv_size = config.num_attention_heads * io.head_dim, io.num_key_value_heads * io.head_dim
-        projections = self.linears(prefix, self.arch.attention, x, "self_attn.qkv_proj", [q_size, kv_size, kv_size])
-        if self.arch.qk_norm:
-            sizes = [q_size, kv_size, kv_size]
-            q, k, v = projections if len(projections) == 3 else self.split(projections[0], sizes, f"/{prefix}/self_attn/qkv_split")
+        sizes = [q_size, kv_size, kv_size]
+        projections = self.linears(prefix, self.arch.attention, x, "self_attn.qkv_proj", sizes, parts=self.arch.qk_norm)
+        if self.arch.qk_norm:  # q, k and v each (no qk-norm family stores them packed)
+            q, k, v = projections
             q = self.head_norm(q, f"{prefix}.self_attn.q_norm", config.num_attention_heads)
             k = self.head_norm(k, f"{prefix}.self_attn.k_norm", io.num_key_value_heads)
             projections = [q, k, v]
@@ -256,8 +259,8 @@ class _Builder:
 
     def mlp(self, prefix: str, x: ir.Value) -> ir.Value:
         intermediate = self.config.intermediate_size
-        parts = self.linears(prefix, self.arch.mlp_in, x, "mlp.gate_up_proj", [intermediate, intermediate])
-        gate, up = parts if len(parts) == 2 else self.split(parts[0], [intermediate, intermediate], f"/{prefix}/mlp/gate_up_split")
+        parts = self.linears(prefix, self.arch.mlp_in, x, "mlp.gate_up_proj", [intermediate, intermediate], parts=True)
+        gate, up = parts if len(parts) == 2 else self.split(parts[0], [intermediate, intermediate], f"/{prefix}/mlp/gate_up_proj/Split")
         name = f"/{prefix}/mlp/act"
         if self.arch.activation == "silu":
             activated = self.op("Mul", [gate, self.op("Sigmoid", [gate], name=f"{name}/Sigmoid")], name=f"{name}/Mul")
@@ -277,16 +280,25 @@ class _Builder:
 
     # ------------------------------------------------------------ linears
 
-    def linears(self, prefix: str, modules: Sequence[str], x: ir.Value, packed_module: str, sizes: list[int]) -> list[ir.Value]:
+    def linears(
+        self, prefix: str, modules: Sequence[str], x: ir.Value, packed_module: str, sizes: list[int], *, parts: bool = False
+    ) -> list[ir.Value]:
         """The outputs of `modules` reading x: one packed node when they can share one, else one node each.
 
-        A single module (Phi-3's qkv_proj) returns one output; packed modules return [packed output].
+        A single module (Phi-3's qkv_proj) returns one output. Packed modules return [packed output], or, with
+        `parts` or when one of them needs an output of its own, the packed output split into each module's.
         """
         paths = [f"{prefix}.{module}" for module in modules]
         layers = [self.quantized.get(path) for path in paths]
-        if len(paths) > 1 and _packable(layers) and not self.unpacked.intersection(paths):
-            return [self.packed_linear(f"{prefix}.{packed_module}", paths, x)]
-        return [self.linear(path, x) for path in paths]
+        if len(paths) == 1 or not _packable(layers):
+            return [self.linear(path, x) for path in paths]
+        packed = self.packed_linear(f"{prefix}.{packed_module}", paths, x)
+        if not parts and not self.own_outputs.intersection(paths):
+            return [packed]
+        outputs = self.split(packed, sizes, f"/{prefix}/{packed_module.replace('.', '/')}/Split")
+        for path, output in zip(paths, outputs):
+            self.layers[path] = dataclasses.replace(self.layers[path], output=output.name)
+        return outputs
 
     def linear(self, path: str, x: ir.Value) -> ir.Value:
         if path in self.quantized:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
 
 from hqexport.files import DATA_FILE, MODEL_FILE
 from hqexport.ops.function import attach_function
@@ -22,6 +23,7 @@ def write_onnx(model: ir.Model, folder: Path) -> Path:
     written once and never copied into a protobuf in memory.
     """
     path = folder / MODEL_FILE
+    NameFixPass()(model)  # names the values the passes left unnamed, from the graph alone (byte-identical outputs)
     ir.save(model, path, external_data=DATA_FILE)
     proto = onnx.load(str(path), load_external_data=False)
     attach_function(proto)
