@@ -38,29 +38,36 @@ def setup(hqq_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapter-export")
     torch.manual_seed(3)
     for name, config in CONFIGS.items():
-        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **config))
-        with torch.no_grad():
-            for key, param in peft_model.named_parameters():
-                if "lora_B" in key:
-                    param.mul_(0.3)
-                if "lora_magnitude_vector" in key:
-                    param.mul_(1 + 0.2 * torch.rand_like(param))
-        peft_model.save_pretrained(root / name)
+        _save_trained_adapter(base, LoraConfig(init_lora_weights=False, **config), root / name)
     qmodel = read_live_model(base)
     specs = load_adapters([f"{n}={root / n}" for n in CONFIGS], {k: v.shape for k, v in qmodel.linears.items()})
     config = model_config(qmodel)
     targets = {module for spec in specs for module in spec.modules}  # each gets its own output, as convert does
     graph = build_decoder(qmodel, config, decoder_io(config, torch.float32), opset=DEFAULT_OPSET, own_outputs=targets)
-    manifest = {
-        "model": {"dtype": "fp32"},
-        "layers": {
-            path: {"node": node.node, "shape": list(qmodel.linears[path].shape), "initializers": node.initializers,
-                   "rows": node.rows, "output": node.output}
-            for path, node in graph.layers.items()
-        },
-    }
+    manifest = {"model": {"dtype": "fp32"}, "layers": _layers(graph, qmodel)}
     proto = ir.to_proto(graph.model)
     return base, root, qmodel, specs, manifest, proto
+
+
+def _save_trained_adapter(base, config: LoraConfig, folder: Path) -> None:
+    """A PEFT adapter on `base` with non-zero B (scaled down) and, for DoRA, magnitudes moved off their init."""
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for key, param in peft_model.named_parameters():
+            if "lora_B" in key:
+                param.mul_(0.3)
+            if "lora_magnitude_vector" in key:
+                param.mul_(1 + 0.2 * torch.rand_like(param))
+    peft_model.save_pretrained(folder)
+
+
+def _layers(graph, qmodel) -> dict:
+    """The layer entries apply_adapters reads (as convert passes them): node, shape, initializers, rows, output."""
+    return {
+        path: {"node": node.node, "shape": list(qmodel.linears[path].shape), "initializers": node.initializers,
+               "rows": node.rows, "output": node.output}
+        for path, node in graph.layers.items()
+    }
 
 
 def _write(export, folder: Path) -> ort.InferenceSession:
@@ -124,21 +131,13 @@ def test_dora_on_packed_biased_layers_matches_peft(hqq_model, tmp_path):
     base = hqq_model("qwen2", nbits=4, group_size=32, axis=1)
     torch.manual_seed(5)
     config = LoraConfig(init_lora_weights=False, r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "v_proj"])
-    peft_model = get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for key, param in peft_model.named_parameters():
-            if "lora_B" in key:
-                param.mul_(0.3)
-            if "lora_magnitude_vector" in key:
-                param.mul_(1 + 0.2 * torch.rand_like(param))
-    peft_model.save_pretrained(tmp_path / "dora")
+    _save_trained_adapter(base, config, tmp_path / "dora")
     qmodel = read_live_model(base)
     specs = load_adapters([f"dora={tmp_path / 'dora'}"], {k: v.shape for k, v in qmodel.linears.items()})
     config = model_config(qmodel)
     targets = {module for spec in specs for module in spec.modules}
     graph = build_decoder(qmodel, config, decoder_io(config, torch.float32), opset=DEFAULT_OPSET, own_outputs=targets)
-    layers = {path: {"node": node.node, "shape": list(qmodel.linears[path].shape), "initializers": node.initializers,
-                     "rows": node.rows, "output": node.output} for path, node in graph.layers.items()}
+    layers = _layers(graph, qmodel)
     q = layers["model.layers.0.self_attn.q_proj"]
     assert q["node"] == layers["model.layers.0.self_attn.k_proj"]["node"] and q["rows"] and q["initializers"]["bias"]
     export = apply_adapters(graph.model, {"model": {"dtype": "fp32"}, "layers": layers}, specs, "bake", qmodel.linears)

@@ -23,6 +23,7 @@ import torch
 from hqq.core.quantize import Quantizer, hqq_base_quant_config
 
 from hqexport.errors import HQExportError
+from hqexport.export.graph import MS_DOMAIN
 from hqexport.model import QuantizedLinear, QuantizedModel
 from hqexport.read.meta import layer_from_meta
 
@@ -30,7 +31,6 @@ LM_HEADS = ("fp32", "int8", "int4")
 HEAD_GROUP_SIZE = 32
 HEAD_PATH = "lm_head"
 EMBEDDING_NODE = "/model/embed_tokens/Gather"
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)

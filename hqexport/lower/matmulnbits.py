@@ -20,11 +20,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from hqexport.errors import HQExportError
+from hqexport.export.graph import MS_DOMAIN
 from hqexport.export.lazy import lazy_tensor
 from hqexport.formats.canonical import pack_canonical, unpack_canonical
 
 _CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
