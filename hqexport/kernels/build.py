@@ -32,7 +32,7 @@ DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 #: CUDA targets: SASS for Hopper, PTX that any newer driver can JIT for other GPUs
 CUDA_ARCH_FLAGS = ("-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_75,code=compute_75")
 _CXX_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-Wall")
-_ISA_FLAGS = {"baseline": ("-march=x86-64-v2",), "avx2": ("-march=x86-64-v3",)}
+_ISA_FLAGS = {"baseline": ("-march=x86-64-v2",), "avx2": ("-march=x86-64-v3", "-ffp-contract=fast")}
 _COMMAND_TIMEOUT_S = 600
 
 

@@ -27,9 +27,10 @@ typedef float v8f __attribute__((vector_size(32)));
 
 constexpr int64_t kGemvChunk = 1280;  // K-chunk of the M < 4 path; a multiple of 40 (8 and 10 codes per word)
 constexpr int64_t kGemvRows = 8;      // output rows per task of the M < 4 path
-constexpr int64_t kGemmChunk = 320;   // K-chunk of the M >= 4 path (multiple of 40)
-constexpr int kNR = 16;               // output rows per task of the M >= 4 path (two v8f)
-constexpr int kMR = 6;                // rows of A per micro-kernel step
+constexpr int64_t kGemmChunk = 640;   // K-chunk of the M >= 4 path (multiple of 40)
+constexpr int kNR = 16;               // output rows per task of the M >= 4 path
+constexpr int kMR = 3;                // rows of A per dot block
+constexpr int kDotRows = 4;           // rows of W per dot block (kNR is a multiple)
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -220,66 +221,59 @@ void gemv_task(void* data, size_t task) {
   }
 }
 
-// C[MR, 16] += A[MR, len] @ wt[len, 16] (wt: a K-chunk of 16 dequantized rows, transposed).
+// C[m, j] += A[m, :len] . rows[j][:len] for MR rows of A and 4 dequantized rows of W: 4 * MR vector
+// accumulators, so each load of A or W serves several FMAs and no transposition of W is needed.
 template <int MR>
-void micro_kernel(const float* a, int64_t lda, const float* wt, int64_t len, float* c) {
-  v8f acc[MR][2];
-  for (int r = 0; r < MR; ++r) {
-    acc[r][0] = load8(c + r * kNR);
-    acc[r][1] = load8(c + r * kNR + 8);
-  }
-  for (int64_t k = 0; k < len; ++k) {
-    const v8f w0 = load8(wt + k * kNR);
-    const v8f w1 = load8(wt + k * kNR + 8);
-    for (int r = 0; r < MR; ++r) {
-      const float av = a[r * lda + k];
-      acc[r][0] += av * w0;
-      acc[r][1] += av * w1;
+void dot_block(const float* a, int64_t lda, const float (*rows)[kGemmChunk], int64_t len, float* c) {
+  v8f acc[MR][kDotRows] = {};
+  int64_t k = 0;
+  for (; k + 8 <= len; k += 8) {
+    v8f av[MR];
+    for (int r = 0; r < MR; ++r) av[r] = load8(a + r * lda + k);
+    for (int j = 0; j < kDotRows; ++j) {
+      const v8f wv = load8(rows[j] + k);
+      for (int r = 0; r < MR; ++r) acc[r][j] += av[r] * wv;
     }
   }
   for (int r = 0; r < MR; ++r) {
-    store8(c + r * kNR, acc[r][0]);
-    store8(c + r * kNR + 8, acc[r][1]);
+    for (int j = 0; j < kDotRows; ++j) {
+      float total = hsum(acc[r][j]);
+      for (int64_t t = k; t < len; ++t) total += a[r * lda + t] * rows[j][t];
+      c[r * kNR + j] += total;
+    }
   }
 }
 
-void micro_kernel_rows(int rows, const float* a, int64_t lda, const float* wt, int64_t len, float* c) {
+void dot_block_rows(int rows, const float* a, int64_t lda, const float (*w)[kGemmChunk], int64_t len, float* c) {
   switch (rows) {
     case 1:
-      return micro_kernel<1>(a, lda, wt, len, c);
+      return dot_block<1>(a, lda, w, len, c);
     case 2:
-      return micro_kernel<2>(a, lda, wt, len, c);
-    case 3:
-      return micro_kernel<3>(a, lda, wt, len, c);
-    case 4:
-      return micro_kernel<4>(a, lda, wt, len, c);
-    case 5:
-      return micro_kernel<5>(a, lda, wt, len, c);
+      return dot_block<2>(a, lda, w, len, c);
     default:
-      return micro_kernel<6>(a, lda, wt, len, c);
+      return dot_block<3>(a, lda, w, len, c);
   }
 }
 
-// M >= 4: a task owns 16 output rows; per K-chunk it dequantizes them, transposes, and runs the micro-kernel
-// over all rows of A.
+// M >= 4: a task owns 16 output rows; per K-chunk it dequantizes them (rows past N are zero) and accumulates
+// their dot products with every row of A, kMR rows of A and kDotRows rows of W at a time.
 void gemm_task(void* data, size_t task) {
   const Job& job = *static_cast<const Job*>(data);
   const Problem& p = *job.p;
   alignas(32) float rows[kNR][kGemmChunk];
-  alignas(32) float wt[kGemmChunk * kNR];
   const int64_t n0 = static_cast<int64_t>(task) * kNR;
   const int nr = static_cast<int>(min64(kNR, p.N - n0));
   float* c = static_cast<float*>(std::calloc(static_cast<size_t>(p.M) * kNR, sizeof(float)));
   if (c == nullptr) std::abort();
+  std::memset(rows, 0, sizeof(rows));
   for (int64_t k0 = 0; k0 < p.K; k0 += kGemmChunk) {
     const int64_t len = min64(kGemmChunk, p.K - k0);
     for (int j = 0; j < nr; ++j) job.segment(p, n0 + j, k0, len, rows[j]);
-    for (int64_t k = 0; k < len; ++k) {
-      for (int j = 0; j < kNR; ++j) wt[k * kNR + j] = j < nr ? rows[j][k] : 0.f;
-    }
-    for (int64_t m0 = 0; m0 < p.M; m0 += kMR) {
-      const int mr = static_cast<int>(min64(kMR, p.M - m0));
-      micro_kernel_rows(mr, job.A + m0 * p.K + k0, p.K, wt, len, c + m0 * kNR);
+    for (int j0 = 0; j0 < nr; j0 += kDotRows) {  // these 4 rows of W stay in L1 while A streams past them
+      for (int64_t m0 = 0; m0 < p.M; m0 += kMR) {
+        const int mr = static_cast<int>(min64(kMR, p.M - m0));
+        dot_block_rows(mr, job.A + m0 * p.K + k0, p.K, rows + j0, len, c + m0 * kNR + j0);
+      }
     }
   }
   for (int64_t m = 0; m < p.M; ++m) {
