@@ -15,7 +15,9 @@ In a work folder it builds, each in its own process (wall time, peak RSS):
 
 Each ONNX variant then runs in a fresh process (batch 1, greedy, default threads) through plain onnxruntime and
 through onnxruntime-genai: prefill of `--prefill` tokens (onnxruntime only); a `--prompt`-token prompt, then
-`--decode` cached steps, each timed (tok/s = 1 / median step). PyTorch with hqq's HQQLinear layers
+`--decode` cached steps, each timed (tok/s = 1 / median step). Every variant runs `--rounds` times, the rounds
+interleaved (all variants once, then all again), and the table shows each timing's median over the rounds, so a
+slow spell of the shared machine lands on every variant rather than on one. PyTorch with hqq's HQQLinear layers
 (`pytorch-hqq`) gives the reference tokens: "same tokens" counts equal greedy tokens, position by position.
 The lossy variants are also validated (`hqexport validate`: top-1 agreement and perplexity against PyTorch-hqq).
 Only ratios within one run are compared: the machines are shared and their speed moves by 2x between runs.
@@ -70,7 +72,7 @@ TARGETS = [
 
 def run_task(task: dict, work: Path, reuse: bool = False) -> dict:
     """Run one worker task (this script with --worker) in a fresh process; its JSON result (peak RSS from VmHWM)."""
-    name = "-".join(filter(None, (task["task"], task.get("variant"))))
+    name = "-".join(filter(None, (task["task"], task.get("variant"), task.get("round"))))
     spec, result = work / f"{name}.task.json", work / f"{name}.result.json"
     if reuse and result.is_file():
         return {**json.loads(result.read_text()), "reused": True}
@@ -370,6 +372,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=26, help="prompt tokens before the timed decode steps")
     parser.add_argument("--decode", type=int, default=64, help="timed decode steps")
     parser.add_argument("--prefill", type=int, default=128, help="tokens of the timed prefill")
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs of every variant, interleaved; the table shows medians")
     parser.add_argument("--no-validate", action="store_true", help="skip validating the lossy variants")
     parser.add_argument("--work", type=Path, help="keep the built models here (default: a temporary folder)")
     parser.add_argument("--reuse", action="store_true", help="reuse the models (and their build facts) already in --work")
@@ -406,16 +409,20 @@ def benchmark(args: argparse.Namespace, work: Path, selected: list[str], out: Pa
         source, model_name, group_size = smollm2_hqq(), "SmolLM2-135M-Instruct (hqq 4-bit g64 axis 1, fp32 compute)", QUANT["group_size"]
     paths, built = build(source, work, selected, group_size, args.reuse)
     tokens = source_tokens(source, max(args.prefill, args.prompt))
-    results: dict[str, dict] = {}
+    runnable = [variant for variant in selected if not isinstance(paths[variant], str)]
+    results: dict[str, dict] = {variant: {"skipped": paths[variant]} for variant in selected if variant not in runnable}
+    rounds: dict[str, list[dict]] = {variant: [] for variant in runnable}
+    for round_ in range(args.rounds):  # every variant once per round, so that a slow spell of the machine hits them all
+        for variant in runnable:
+            spec = {"task": "run", "variant": variant, "round": f"round{round_}", "path": str(paths[variant]), "tokens": tokens,
+                    "prompt": args.prompt, "decode": args.decode, "prefill": args.prefill,
+                    "library": built["library"] if variant == "hqexport-kernels" else None}
+            rounds[variant].append(run_task(spec, work))
     for variant in selected:
-        path = paths[variant]
-        if isinstance(path, str):
-            results[variant] = {"skipped": path}
+        if variant not in runnable:
             continue
-        spec = {"task": "run", "variant": variant, "path": str(path), "tokens": tokens, "prompt": args.prompt,
-                "decode": args.decode, "prefill": args.prefill,
-                "library": built["library"] if variant == "hqexport-kernels" else None}
-        results[variant] = run_task(spec, work)
+        path = paths[variant]
+        results[variant] = median_of_rounds(rounds[variant])
         if variant != "pytorch-hqq":
             results[variant].update(graph_facts(path))
         if variant in built["variants"]:
@@ -429,7 +436,7 @@ def benchmark(args: argparse.Namespace, work: Path, selected: list[str], out: Pa
     extra = {
         "model": model_name,
         "source": str(source),
-        "settings": {"prompt": args.prompt, "decode": args.decode, "prefill": args.prefill, "batch": 1,
+        "settings": {"prompt": args.prompt, "decode": args.decode, "prefill": args.prefill, "rounds": args.rounds, "batch": 1,
                      "threads": "onnxruntime defaults", "cpu_count": os.cpu_count()},
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "build": built,
@@ -450,6 +457,18 @@ def benchmark(args: argparse.Namespace, work: Path, selected: list[str], out: Pa
         measured = "n/a" if target["measured"] is None else f"{target['measured']:.2f}"
         targets_table.add_row(target["target"], f"{target['required']:g}", measured, target["reached"] or "n/a")
     Console().print(targets_table)
+
+
+def median_of_rounds(runs: list[dict]) -> dict:
+    """One variant's result: the first round's, with each timing the median over the rounds (all rounds kept)."""
+    result = dict(runs[0])
+    for metric in ("decode_ms", "prefill_ms", "genai_decode_ms"):
+        if metric in result:
+            result[metric] = statistics.median(run[metric] for run in runs)
+    result["rounds"] = [{metric: run.get(metric) for metric in ("decode_ms", "prefill_ms", "genai_decode_ms", "load_average_1min")} for run in runs]
+    if any(run["tokens"] != result["tokens"] for run in runs):
+        raise RuntimeError("greedy tokens differ between rounds of one variant")
+    return result
 
 
 def _same(tokens: list[int] | None, reference: list[int] | None) -> str | None:

@@ -54,7 +54,7 @@ def e2e(tmp_path_factory) -> dict:
     out = work / "e2e.json"
     _run(
         "bench_e2e.py", "--tiny", "--variants", "pytorch-hqq,builder-int4-acc1,hqexport-fp32,hqexport", "--prompt", "6",
-        "--decode", "5", "--prefill", "12", "--work", str(work / "models"), "--out", str(out),
+        "--decode", "5", "--prefill", "12", "--rounds", "2", "--work", str(work / "models"), "--out", str(out),
     )
     return json.loads(out.read_text())
 
@@ -73,6 +73,9 @@ def test_bench_e2e_rows_and_targets(e2e):
     builder = e2e["build"]["variants"]["builder-int4-acc1"]
     assert "onnxruntime_genai.models.builder" in builder["command"] and "accuracy_level=1" in builder["command"]
     assert e2e["load_average"]["start"] and e2e["settings"]["cpu_count"] > 0
+    for variant, result in e2e["variants"].items():  # the table's timing is the median of the interleaved rounds
+        decode_rounds = sorted(run["decode_ms"] for run in result["rounds"])
+        assert len(decode_rounds) == 2 and result["decode_ms"] == pytest.approx(sum(decode_rounds) / 2), variant
 
 
 @pytest.mark.integration  # converts a model: runs in .ci/run's integration step
