@@ -4,7 +4,7 @@
 of the forms "pickle" (hqq save_quantized), "safetensors" or "sharded" (3 shards + index). Each source lives
 alone in its own parent folder, so "adapters next to it" are only the ones a test puts there.
 `quant` is nbits, group_size, axis, compute_dtype, view_as_float, or mixed=True for MIXED_CONFIG (one format per
-linear tag).
+linear tag). `library` is the compiled kernels library (built once, cached by source hash).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hqexport.kernels import build
 from hqexport.sample import build_sample_model, build_tokenizer, corpus_text, quantize_config, save_hqq_pickle, save_hqq_safetensors
 
 #: Formats the fixtures are made in (issue 2: 4-bit g32 axis 1, 3-bit, 2-bit g16 axis 0, 8-bit).
@@ -118,3 +119,13 @@ def lora_adapter(tmp_path_factory, tokenizer) -> Path:
     adapter_config["base_model_name_or_path"] = str(base)
     config_file.write_text(json.dumps(adapter_config, indent=2))
     return adapter
+
+
+@pytest.fixture(scope="session")
+def library() -> Path:
+    """The kernels library; without onnxruntime's headers (no ORT_INCLUDE_DIR, Debian unreachable) the build fails
+    and so do the tests that use it, with the builder's message."""
+    try:
+        return build.build_library()
+    except build.KernelBuildError as error:
+        pytest.fail(f"building the kernels library failed (no headers without network or ORT_INCLUDE_DIR?): {error}")

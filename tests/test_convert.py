@@ -42,6 +42,9 @@ class Case:
     ops: str = "hqq"  # "auto" lowers what MatMulNBits expresses exactly (the CLI case uses the CLI default, auto)
 
 
+#: the ops a layer lowered by --ops auto runs as (lower/matmulnbits.py)
+LOWERED_OPS = ("com.microsoft.MatMulNBits", "hqexport.HQQMatMulNBits")
+
 CASES = {
     # one format per linear (4, 3, 2 axis 0, 8, 1, 1.58 bits; down_proj fp), tied embeddings, wide enough to measure
     # the file size against the weights
@@ -210,7 +213,7 @@ def test_manifest_names_the_packed_weights_of_each_layer(exported: Exported):
     for path, entry in manifest["layers"].items():
         layer = hqq_layers[path]
         node = nodes[entry["node"]]
-        if entry["op"] == "com.microsoft.MatMulNBits":
+        if entry["op"] in LOWERED_OPS:
             _check_lowered_weight(node, entry, initializers, layer)
             continue
         assert (node.domain, node.op_type) == ("hqexport", "HQQMatMul")
@@ -235,9 +238,11 @@ def _layer_rows(weight, entry: dict):
 def _check_lowered_weight(node: onnx.NodeProto, entry: dict, initializers: dict, layer: HQQLinear) -> None:
     """A MatMulNBits layer's weight, (q - zp) * s + correction in float64, is hqq's up to the rounding of the
     activation dtype its scales and correction are stored in."""
-    assert (node.domain, node.op_type) == ("com.microsoft", "MatMulNBits")
+    assert f"{node.domain}.{node.op_type}" == entry["op"]
     names = entry["initializers"]
     assert list(node.input[1:4]) == [names["B"], names["scales"], names["zero_points"]]
+    if node.op_type == "HQQMatMulNBits":  # the correction is the fused node's own sixth input
+        assert node.input[5] == names["zero_correction"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     n, k, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
     blocks = k // block
@@ -259,18 +264,23 @@ def test_lowering_choices_follow_the_formats(exported: Exported):
         return
     for entry in manifest["layers"].values():
         expressible = entry["axis"] == 1 and entry["group_size"] in (16, 32, 64, 128) and entry["nbits"] not in (5, 6)
-        assert (entry["op"] == "com.microsoft.MatMulNBits") == expressible, entry
+        assert (entry["op"] in LOWERED_OPS) == expressible, entry
         assert ("kept" in entry["lowering"]) != expressible
+        if expressible:  # one fused node where hqq's zeros need the correction, at fp32; MatMulNBits + correction at fp16
+            fused = entry["lowering"]["zero_correction"] and exported.case.dtype == "fp32"
+            assert (entry["op"] == "hqexport.HQQMatMulNBits") == fused, entry
 
 
 def test_output_folder_contents_and_source_untouched(exported: Exported):
+    manifest = json.loads((exported.out / "hqexport.json").read_text())
+    # the kernels library ships by default where the graph has hqexport ops (it builds on these machines)
+    kernels = ["libhqexport_kernels.so"] if any(entry["op"].startswith("hqexport.") for entry in manifest["layers"].values()) else []
     names = sorted(p.name for p in exported.out.iterdir())
     assert names == sorted(
         ["model.onnx", "model.onnx.data", "config.json", "genai_config.json", "hqexport.json", "tokenizer.json",
-         "tokenizer_config.json"]
+         "tokenizer_config.json", *kernels]
     )
     assert not [p for p in exported.out.parent.iterdir() if p.name.startswith(".")], "staging folders left behind"
-    manifest = json.loads((exported.out / "hqexport.json").read_text())
     for name, digest in manifest["outputs"].items():
         assert hashlib.sha256((exported.out / name).read_bytes()).hexdigest() == digest, name
     assert folder_digest(exported.source) == exported.source_digest_before

@@ -56,14 +56,6 @@ def nvcc_check(tmp_path_factory):
         process.wait()
 
 
-@pytest.fixture(scope="session")
-def library() -> Path:
-    try:
-        return build.build_library()
-    except build.KernelBuildError as error:
-        pytest.fail(f"building the kernels library failed (no headers without network or ORT_INCLUDE_DIR?): {error}")
-
-
 @cache
 def hqq_layer(nbits: float, axis: int, dtype: str, shape: str) -> HQQLinear:
     n, k, g1, g0 = SHAPES[shape]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -12,6 +15,7 @@ from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from hqexport.errors import HQExportError
 from hqexport.formats import pack_canonical, storage_bits, tensor_to_numpy, unpack_codes
 from hqexport.lower import LowerToMatMulNBits
+from hqexport.ops.function import attach_function
 from hqexport.read.live import layer_from_meta
 
 N, K, M = 48, 128, 5
@@ -48,10 +52,21 @@ def _single_layer_model(hqq_layer: HQQLinear, name: str = "layer0") -> ir.Model:
     return ir.Model(graph, ir_version=10)
 
 
-def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+def _session(model: ir.Model, library: Path | None = None, **options) -> ort.InferenceSession:
+    """A CPU session of `model` with hqexport's function bodies attached (as write_onnx does), with the kernels
+    library registered when given."""
     proto = ir.serde.serialize_model(model)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"A": x})[0]
+    attach_function(proto)
+    so = ort.SessionOptions()
+    if library is not None:
+        so.register_custom_ops_library(str(library))
+    for key, value in options.items():
+        setattr(so, key, value)
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _run(model: ir.Model, x: np.ndarray, library: Path | None = None) -> np.ndarray:
+    return _session(model, library).run(None, {"A": x})[0]
 
 
 @pytest.mark.parametrize(
@@ -98,9 +113,65 @@ def test_what_can_be_lowered(nbits, group_size, axis, reason):
     auto = LowerToMatMulNBits("auto")
     auto(_single_layer_model(hqq_layer))
     decision = auto.decisions["layer0"]
-    if reason is None:
-        assert decision.op == "com.microsoft.MatMulNBits"
+    if reason is None:  # hqq's zeros are fractional: the fused node with its correction
+        assert decision.op == "hqexport.HQQMatMulNBits" and decision.zero_correction
     else:
         assert decision.op == "hqexport.HQQMatMul" and reason in decision.reason
         with pytest.raises(HQExportError, match="cannot run as MatMulNBits"):
             LowerToMatMulNBits("ort")(_single_layer_model(hqq_layer))
+
+
+#: (nbits, group size, K) through the fused node's kernel paths: factorized (4-bit g64, 8-bit, 3-bit in the 4-bit
+#: container, 2-bit g32), dequantizing (2-bit and 1-bit g16: 16 codes are not whole 8-word blocks at 2 bits), and
+#: odd block counts per row, whose zero points are padded to whole bytes (4-bit 96 / 32, 2-bit 80 / 16)
+FUSED_CASES = [(4, 64, K), (4, 32, 96), (8, 128, K), (3, 64, K), (2, 32, K), (2, 16, 80), (1, 16, K)]
+
+
+@pytest.mark.parametrize("runtime", ["function body", "kernel"])
+@pytest.mark.parametrize("nbits, group_size, in_features", FUSED_CASES)
+def test_fused_node_matches_hqq_forward(nbits, group_size, in_features, runtime, request):
+    """--ops auto writes one HQQMatMulNBits node per layer; stock onnxruntime runs its body (MatMulNBits plus the
+    zero-point correction) and the library its kernel, and both compute hqq's layer for decode and prefill rows."""
+    hqq_layer = _hqq_layer(nbits, group_size, axis=1, bias=True, in_features=in_features, seed=nbits * 100 + group_size)
+    lowering = LowerToMatMulNBits("auto")
+    model = lowering(_single_layer_model(hqq_layer)).model
+    assert lowering.decisions["layer0"].op == "hqexport.HQQMatMulNBits"
+    assert [(n.domain, n.op_type) for n in model.graph] == [("hqexport", "HQQMatMulNBits"), ("", "Add")]  # + bias
+    library = request.getfixturevalue("library") if runtime == "kernel" else None
+    session = _session(model, library)
+    with torch.no_grad():
+        weight = hqq_layer.dequantize().double()
+    zero_scale = (hqq_layer.meta["zero"].double() * hqq_layer.meta["scale"].double()).abs()
+    zero_scale = zero_scale.reshape(N, -1).repeat_interleave(group_size, dim=1)  # |z * s| of each weight's group
+    for rows in (1, 3, 5, 64):  # the kernel's factorized decode path below 4 rows, its dequantizing path from 4
+        x = torch.randn(rows, in_features, dtype=torch.float64)
+        expected = (x @ weight.T + hqq_layer.bias.detach().double()).numpy()
+        got = session.run(None, {"A": x.float().numpy()})[0]
+        # fp32 rounding: the kernel's factorized sum skips rounding (q - z) but its terms reach |w| + |z s|
+        # (docs/kernels.md); the body's correction adds the same two-term form
+        bound = 64 * np.finfo(np.float32).eps * (x.abs() @ (weight.abs() + 2 * zero_scale).T).numpy() + 1e-6
+        assert np.all(np.abs(got - expected) <= bound), (rows, np.abs(got - expected).max())
+
+
+def test_fused_node_runs_on_the_kernel_when_the_library_is_registered(library, tmp_path):
+    """With the library the node is one kernel call (no MatMulNBits in the profile); without it, its body."""
+    model = LowerToMatMulNBits("auto")(_single_layer_model(_hqq_layer(4, 64, axis=1))).model
+    x = np.random.default_rng(0).standard_normal((1, K)).astype(np.float32)
+    kernels = {}
+    for runtime, lib in (("kernel", library), ("function body", None)):
+        session = _session(model, lib, enable_profiling=True, profile_file_prefix=str(tmp_path / runtime.replace(" ", "_")))
+        session.run(None, {"A": x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+        kernels[runtime] = {event["args"]["op_name"] for event in events if event.get("cat") == "Node"}
+    assert kernels["kernel"] == {"HQQMatMulNBits"}
+    assert "MatMulNBits" in kernels["function body"] and "HQQMatMulNBits" not in kernels["function body"]
+
+
+def test_fused_kernel_refuses_a_malformed_correction(library):
+    """A zero_correction of the wrong shape is an onnxruntime error naming the node and the input, never a crash."""
+    model = LowerToMatMulNBits("auto")(_single_layer_model(_hqq_layer(4, 64, axis=1))).model
+    correction = model.graph.initializers["layer0.zero_correction"]
+    correction.const_value = ir.tensor(np.zeros((K // 64, N + 1), np.float32), name=correction.name)
+    correction.shape = ir.Shape([K // 64, N + 1])
+    with pytest.raises(Exception, match=r"HQQMatMulNBits node 'layer0.*zero_correction of shape \[2, 49\]"):
+        _run(model, np.zeros((1, K), np.float32), library)

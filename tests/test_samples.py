@@ -185,4 +185,4 @@ def test_finetune_story_every_adapter_mode(tmp_path):
     merged = json.loads((tmp_path / "merge" / "hqexport.json").read_text())["adapters"]["tuned"]
     assert 0 <= merged["retained"] < 0.5, merged  # re-quantization erases most of a fine-tune of ~3% of |W|
     layers = json.loads((tmp_path / "separate" / "hqexport.json").read_text())["layers"]
-    assert {layer["op"] for layer in layers.values()} == {"com.microsoft.MatMulNBits"}
+    assert {layer["op"] for layer in layers.values()} == {"hqexport.HQQMatMulNBits"}

@@ -94,12 +94,13 @@ def test_validate_passes_on_converted_model(exported, tmp_path):
 
 
 def test_validate_passes_on_the_default_cli_export(source, lora_adapter, tmp_path):
-    """The CLI's defaults: --ops auto (MatMulNBits with zero correction here) and a separate adapter."""
+    """The CLI's defaults: --ops auto (one HQQMatMulNBits node per layer here: hqq's zeros need the correction) and
+    a separate adapter."""
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["convert", str(source), "-o", str(out), "--adapter", f"{ADAPTER}={lora_adapter}"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "hqexport.json").read_text())
-    assert {entry["op"] for entry in manifest["layers"].values()} == {"com.microsoft.MatMulNBits"}
+    assert {entry["op"] for entry in manifest["layers"].values()} == {"hqexport.HQQMatMulNBits"}
     assert (out / manifest["adapters"][ADAPTER]["file"]).is_file()
     report_file = tmp_path / "report.json"
     result = CliRunner().invoke(main, ["validate", str(out), "--adapter", "all", "--tokens", "8", "--json", str(report_file)])
@@ -146,13 +147,13 @@ def test_lm_head_int4_is_hqq_quantized_recorded_and_measured(hqq_source, tmp_pat
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "hqexport.json").read_text())
     qmodel = read_source(source)
-    head_entry = {"format": "int4", "lossy": True, "group_size": 32, "op": "com.microsoft.MatMulNBits"}
+    head_entry = {"format": "int4", "lossy": True, "group_size": 32, "op": "hqexport.HQQMatMulNBits"}
     assert manifest["model"]["lm_head"] == {**head_entry, **({"shared_with_embedding": True} if tied else {})}
     assert manifest["model"]["lossy"] == ["lm_head int4" + (" (the tied embedding too)" if tied else "")]
     assert "lm_head" not in manifest["layers"]
     model = onnx.load(str(out / "model.onnx"))
     initializers = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("lm_head"))
+    head = next(n for n in model.graph.node if n.op_type == "HQQMatMulNBits" and n.input[1].startswith("lm_head"))
     embedding = qmodel.tensors["model.embed_tokens.weight" if tied else "lm_head.weight"].float()
     vocab, hidden = embedding.shape
     linear = torch.nn.Linear(hidden, vocab, bias=False)

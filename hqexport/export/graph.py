@@ -33,9 +33,7 @@ from hqexport.export.lazy import lazy_tensor
 from hqexport.formats.dequant import numpy_dtype, tensor_to_numpy
 from hqexport.model import QuantizedLinear, QuantizedModel
 from hqexport.ops.inputs import packed_inputs
-from hqexport.ops.schema import DOMAIN, OP_TYPE, SINCE_VERSION
-
-MS_DOMAIN = "com.microsoft"
+from hqexport.ops.schema import DOMAIN, MS_DOMAIN, OP_TYPE, SINCE_VERSION
 
 
 def node_name(layer_path: str) -> str:

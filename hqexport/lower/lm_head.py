@@ -23,8 +23,8 @@ import torch
 from hqq.core.quantize import Quantizer, hqq_base_quant_config
 
 from hqexport.errors import HQExportError
-from hqexport.export.graph import MS_DOMAIN
 from hqexport.model import QuantizedLinear, QuantizedModel
+from hqexport.ops.schema import MS_DOMAIN
 from hqexport.read.meta import layer_from_meta
 
 LM_HEADS = ("fp32", "int8", "int4")

@@ -6,8 +6,13 @@ zero z is split into an integer part and a correction (design.md §5):
     (q - z) * s  =  (q - zr) * s  +  (zr - z) * s,         zr = clip(round(z), 0, 2^bits - 1)
     Y = MatMulNBits(A; q, s, zr)  +  (A @ G) @ corr^T,   corr = (zr - z) * s
 
-where G [K, K / group_size] is 1 where input k belongs to group j (A @ G sums A over each group; one node,
-shared by the layers reading A). Exact up to float rounding. 3-bit codes ride in a 4-bit container and 1-bit codes in a 2-bit one.
+where G [K, K / group_size] is 1 where input k belongs to group j (A @ G sums A over each group). Exact up to
+float rounding. 3-bit codes ride in a 4-bit container and 1-bit codes in a 2-bit one.
+
+In mode "auto", at accuracy level 0 with fp32 activations, the right-hand side is one hqexport.HQQMatMulNBits node
+(ops/nbits.py): its function body is that expression in stock ops, and hqexport's library runs it as one
+kernel. Otherwise (fp16, or a lossy accuracy level) the pass writes the expression itself, the group sums
+shared by the layers reading the same input. Layers whose zeros are integers already are a MatMulNBits alone.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from hqexport.errors import HQExportError
-from hqexport.export.graph import MS_DOMAIN
 from hqexport.export.lazy import lazy_tensor
 from hqexport.formats.canonical import pack_canonical, unpack_canonical
+from hqexport.ops.nbits import OP_TYPE as NBITS_OP_TYPE
+from hqexport.ops.schema import DOMAIN, MS_DOMAIN
 
 _CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}
 
@@ -31,9 +37,9 @@ _CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}
 class LayerDecision:
     """What the pass did with one HQQMatMul node (recorded in the manifest)."""
 
-    op: str  # "com.microsoft.MatMulNBits" or "hqexport.HQQMatMul"
+    op: str  # "com.microsoft.MatMulNBits", "hqexport.HQQMatMulNBits" (with its correction) or "hqexport.HQQMatMul"
     reason: str | None = None  # why the layer stayed an hqexport op
-    node: str | None = None  # the MatMulNBits node now computing the layer
+    node: str | None = None  # the MatMulNBits / HQQMatMulNBits node now computing the layer
     initializers: dict[str, str] | None = None  # its inputs: "B", "scales", "zero_points" (+ "zero_correction")
     container_bits: int | None = None
     accuracy_level: int | None = None
@@ -59,7 +65,8 @@ def matmulnbits_blocker(*, bits: int, group_size: int, axis: int, in_features: i
 class LowerToMatMulNBits(ir.passes.InPlacePass):
     """Replace every expressible HQQMatMul node by MatMulNBits (+ exact zero-point correction).
 
-    mode "auto" keeps the others as hqexport ops; mode "ort" raises HQExportError for the first that cannot be
+    mode "auto" keeps the others as hqexport ops and fuses each exact correction into an HQQMatMulNBits node;
+    mode "ort" writes onnxruntime's ops only and raises HQExportError for the first layer that cannot be
     lowered. `decisions` maps node names to what was done.
     """
 
@@ -139,20 +146,28 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
             new_nodes.append(new)
             return new.outputs[0]
 
-        y = add(
-            "MatMulNBits",
-            [a, initializer("B", lambda: _repacked(weight.numpy(), K, bits, container).reshape(b_shape), np.uint8, b_shape),
-             initializer("scales", lambda: split.scale.reshape(-1).astype(act_np), act_np, (N * blocks,)),
-             initializer("zero_points", split.packed_zero_points, np.uint8, split.zero_points_shape)],
-            domain=MS_DOMAIN, K=K, N=N, bits=container, block_size=group_size, accuracy_level=self.accuracy_level,
-        )
+        quantized = [
+            a,
+            initializer("B", lambda: _repacked(weight.numpy(), K, bits, container).reshape(b_shape), np.uint8, b_shape),
+            initializer("scales", lambda: split.scale.reshape(-1).astype(act_np), act_np, (N * blocks,)),
+            initializer("zero_points", split.packed_zero_points, np.uint8, split.zero_points_shape),
+        ]
+        shape = dict(K=K, N=N, bits=container, block_size=group_size)
         needs_correction = split.needs_correction()
-        if needs_correction:
-            group_sums = self._group_sums.get((a, group_size))
-            if group_sums is None:  # layers reading the same input share their group sums
-                group_sums = self._group_sums[(a, group_size)] = add("MatMul", [a, self._indicator(graph, K, group_size, act_np)])
+        fused = needs_correction and self.mode == "auto" and self.accuracy_level == 0 and act_np == np.float32
+        if not needs_correction:  # integer zero points: MatMulNBits alone is exact
+            y = add("MatMulNBits", quantized, domain=MS_DOMAIN, accuracy_level=self.accuracy_level, **shape)
+        else:
             correction = initializer("zero_correction", lambda: split.correction().T.astype(act_np), act_np, (blocks, N))
-            y = add("Add", [y, add("MatMul", [group_sums, correction])])
+            indicator = self._indicator(graph, K, group_size, act_np)
+            if fused:  # one node: a compiled kernel where the library is registered, else its body (ops/nbits.py)
+                y = add(NBITS_OP_TYPE, [*quantized, indicator, correction], domain=DOMAIN, **shape)
+            else:
+                y = add("MatMulNBits", quantized, domain=MS_DOMAIN, accuracy_level=self.accuracy_level, **shape)
+                group_sums = self._group_sums.get((a, group_size))
+                if group_sums is None:  # layers reading the same input share their group sums
+                    group_sums = self._group_sums[(a, group_size)] = add("MatMul", [a, indicator])
+                y = add("Add", [y, add("MatMul", [group_sums, correction])])
         if bias is not None:
             y = add("Add", [y, bias])
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [y])
@@ -160,7 +175,7 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
             if not value.uses() and value.name in graph.initializers:
                 del graph.initializers[value.name]
         return LayerDecision(
-            op="com.microsoft.MatMulNBits",
+            op=f"{DOMAIN}.{NBITS_OP_TYPE}" if fused else f"{MS_DOMAIN}.MatMulNBits",
             node=new_nodes[0].name,
             initializers={key: names[key] for key in ("B", "scales", "zero_points", "zero_correction") if key in names},
             container_bits=container,

@@ -126,33 +126,38 @@ def hqq_matmul_function(opset: int) -> FunctionProto:
     )
 
 
-def _uses_op(graph: onnx.GraphProto) -> bool:
+def _used_ops(graph: onnx.GraphProto) -> set[str]:
+    """The hqexport op types that nodes of `graph` (and of its subgraphs) use."""
+    used = set()
     for node in graph.node:
-        if node.domain == DOMAIN and node.op_type == OP_TYPE:
-            return True
+        if node.domain == DOMAIN:
+            used.add(node.op_type)
         for attribute in node.attribute:
             subgraphs = [attribute.g] if attribute.type == AttributeProto.GRAPH else list(attribute.graphs)
-            if any(_uses_op(g) for g in subgraphs):
-                return True
-    return False
+            for subgraph in subgraphs:
+                used |= _used_ops(subgraph)
+    return used
 
 
 def attach_function(model: ModelProto) -> None:
-    """Add the function and the hqexport opset import to `model` when one of its nodes uses the op.
+    """Add the function of each hqexport op that `model` uses, and the hqexport opset import.
 
-    Replaces an existing hqexport::HQQMatMul function (e.g. a stub an exporter wrote) by the reference body.
+    Replaces an existing function of the same op (e.g. a stub an exporter wrote) by hqexport's body.
     """
-    if not _uses_op(model.graph) and not any(_uses_op_in_function(f) for f in model.functions):
+    from hqexport.ops import nbits  # builds on this package's schema module
+
+    bodies = {OP_TYPE: hqq_matmul_function, nbits.OP_TYPE: nbits.hqq_matmul_nbits_function}
+    used = _used_ops(model.graph)
+    for function in model.functions:
+        used |= {node.op_type for node in function.node if node.domain == DOMAIN}
+    used &= bodies.keys()
+    if not used:
         return
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise ValueError("the model imports no default-domain opset")
-    kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
+    kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name in used)]
     del model.functions[:]
-    model.functions.extend(kept + [hqq_matmul_function(opset)])
+    model.functions.extend(kept + [bodies[op_type](opset) for op_type in sorted(used)])
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, SINCE_VERSION))
-
-
-def _uses_op_in_function(function: FunctionProto) -> bool:
-    return any(node.domain == DOMAIN and node.op_type == OP_TYPE for node in function.node)

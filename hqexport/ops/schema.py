@@ -1,4 +1,4 @@
-"""The onnx schema of hqexport::HQQMatMul (docs/ops.md).
+"""The onnx schema of hqexport::HQQMatMul (docs/ops.md); register_schema also registers HQQMatMulNBits' (ops/nbits.py).
 
 onnx refuses to build, check or infer shapes for a node whose op it does not know, and onnxscript (hence
 torch.onnx's custom translation) looks ops up by schema; `register_schema()` must run before either.
@@ -12,6 +12,7 @@ from onnx.defs import OpSchema
 DOMAIN = "hqexport"
 OP_TYPE = "HQQMatMul"
 SINCE_VERSION = 1
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits, GroupQueryAttention, ...)
 
 #: activation / output / bias dtypes the op accepts
 ACT_TYPES = ("tensor(float)", "tensor(float16)")
@@ -55,7 +56,9 @@ def _build_schema() -> OpSchema:
 
 
 def register_schema() -> None:
-    """Register the schema with onnx.defs once per process (later calls do nothing)."""
-    if onnx.defs.has(OP_TYPE, DOMAIN):
-        return
-    onnx.defs.register_schema(_build_schema())
+    """Register the schemas of hqexport's ops (HQQMatMul, HQQMatMulNBits) with onnx.defs once per process."""
+    from hqexport.ops import nbits  # it builds on this module's constants
+
+    for op_type, build in ((OP_TYPE, _build_schema), (nbits.OP_TYPE, nbits.build_schema)):
+        if not onnx.defs.has(op_type, DOMAIN):
+            onnx.defs.register_schema(build())

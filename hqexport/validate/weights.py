@@ -5,8 +5,9 @@ One decoder per op the export may emit, keyed like the manifest's `layers[...].o
 - `hqexport.HQQMatMul`: canonical codes, scale and zero in the compute dtype; decoded with
   `hqexport.ops.reference.dequantize_canonical` (the op's numpy reference) and compared with hqq's
   `HQQLinear.dequantize()` **exactly** (same dtype, array_equal).
-- `com.microsoft.MatMulNBits` (lowered layers, docs/ops.md): codes in MatMulNBits' B, uint8 zero points and
-  scales in the activation dtype, plus the optional `zero_correction` per group. The implied weight
+- `com.microsoft.MatMulNBits` and `hqexport.HQQMatMulNBits` (lowered layers, docs/ops.md): codes in MatMulNBits'
+  B, uint8 zero points and scales in the activation dtype, plus the optional `zero_correction` per group (the
+  fused op's sixth input; a separate correction MatMul's otherwise). The implied weight
   (q - zp) * s + corr is evaluated in float64; it cannot be bit-identical to hqq's (one rounding more), so it
   must agree to a few units in the last place of the coarser of the compute and activation dtypes.
 """
@@ -26,6 +27,8 @@ from hqexport.validate.exported import Exported
 
 HQQ_OP = "hqexport.HQQMatMul"
 NBITS_OP = "com.microsoft.MatMulNBits"
+FUSED_NBITS_OP = "hqexport.HQQMatMulNBits"
+_NBITS_OP_TYPES = ("MatMulNBits", "HQQMatMulNBits")
 
 
 @dataclass
@@ -75,9 +78,9 @@ def _matmulnbits(exported: Exported, name: str, entry: dict, nodes: dict[str, on
     prefix = entry.get("node") or name
     names = {key: f"{prefix}.{key}" for key in ("B", "scales", "zero_points", "zero_correction")}
     names.update(entry.get("initializers") or {})
-    node = next((n for n in nodes.values() if n.op_type == "MatMulNBits" and len(n.input) > 1 and n.input[1] == names["B"]), None)
+    node = next((n for n in nodes.values() if n.op_type in _NBITS_OP_TYPES and len(n.input) > 1 and n.input[1] == names["B"]), None)
     if node is None:
-        raise DecodeError(f"no MatMulNBits node reads {names['B']!r}")
+        raise DecodeError(f"no MatMulNBits or HQQMatMulNBits node reads {names['B']!r}")
     attrs = _attrs(node)
     n, k, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
     if [n, k] != [_node_n(entry, attrs), int(entry["shape"][1])] or block != int(entry["group_size"]):
@@ -119,7 +122,9 @@ def _rows(weight: np.ndarray, entry: dict) -> np.ndarray:
     return weight[rows[0] : rows[1]] if rows else weight
 
 
-DECODERS: dict[str, Callable[[Exported, str, dict, dict], DecodedWeight]] = {HQQ_OP: _hqq, NBITS_OP: _matmulnbits}
+DECODERS: dict[str, Callable[[Exported, str, dict, dict], DecodedWeight]] = {
+    HQQ_OP: _hqq, NBITS_OP: _matmulnbits, FUSED_NBITS_OP: _matmulnbits,
+}
 
 
 def decode_layers(exported: Exported) -> dict[str, DecodedWeight | DecodeError]:

@@ -1,9 +1,10 @@
-// onnxruntime custom-op library for hqexport::HQQMatMul (docs/kernels.md).
+// onnxruntime custom-op library for hqexport::HQQMatMul and hqexport::HQQMatMulNBits (docs/kernels.md).
 //
 // RegisterCustomOps adds domain "hqexport" with op HQQMatMul for CPUExecutionProvider (and CUDAExecutionProvider
-// when built with HQEXPORT_WITH_CUDA). Each EP gets two overloads, A fp32 and A fp16, so onnxruntime can infer the
-// output type; W, scale and zero are left untyped and checked here. Every problem with a node (attributes, dtypes,
-// shapes) comes back as an error status, never an exception across the C boundary.
+// when built with HQEXPORT_WITH_CUDA), and HQQMatMulNBits (fp32, ops/nbits.py) for CPUExecutionProvider. HQQMatMul
+// gets two overloads per EP, A fp32 and A fp16, so onnxruntime can infer the output type; the other inputs are left
+// untyped and checked here. Every problem with a node (attributes, dtypes, shapes) comes back as an error status,
+// never an exception across the C boundary.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -28,14 +29,13 @@ const char* cuda_matmul(const Problem& p, void* stream);
 namespace {
 
 constexpr const char* kDomain = "hqexport";
-constexpr const char* kOpType = "HQQMatMul";
 
 struct Attrs {
-  int64_t N = 0, K = 0, bits = 0, group_size = 0, axis = 0;
+  int64_t N = 0, K = 0, bits = 0, group_size = 0, axis = 1;
 };
 
-OrtStatusPtr error(const std::string& node, const std::string& message) {
-  const std::string text = "hqexport::HQQMatMul node '" + node + "': " + message;
+OrtStatusPtr error(const char* op_type, const std::string& node, const std::string& message) {
+  const std::string text = std::string("hqexport::") + op_type + " node '" + node + "': " + message;
   return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, text.c_str());
 }
 
@@ -68,22 +68,40 @@ bool is_meta(ONNXTensorElementDataType t) {
   return is_act(t) || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
 }
 
-// Checks the inputs against the attributes and fills `p` (all but Y); returns an error message or "".
-std::string describe(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
-  const size_t count = ctx.GetInputCount();
-  if (count < 4 || count > 5) return "expects 4 or 5 inputs, got " + std::to_string(count);
-  Ort::ConstValue A = ctx.GetInput(0), W = ctx.GetInput(1), scale = ctx.GetInput(2), zero = ctx.GetInput(3);
-  Ort::ConstValue bias = count == 5 ? ctx.GetInput(4) : Ort::ConstValue{nullptr};
-  if (A == nullptr || W == nullptr || scale == nullptr || zero == nullptr) return "A, W, scale and zero are required";
-
+// A's checks, shared by both ops: fills p.M, p.A, p.act and Y's shape; returns an error message or "".
+std::string describe_activations(Ort::ConstValue A, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
   const auto a_info = A.GetTensorTypeAndShapeInfo();
   const auto a_type = a_info.GetElementType();
   const auto a_shape = a_info.GetShape();
   if (!is_act(a_type)) return "A must be float or float16";
   if (a_shape.empty() || a_shape.back() != a.K) return "A of shape " + shape_text(a_shape) + " does not end in K = " + std::to_string(a.K);
   p.M = static_cast<int64_t>(a_info.GetElementCount()) / a.K;
+  p.A = A.GetTensorRawData();
+  p.act = static_cast<DType>(a_type);
   y_shape.assign(a_shape.begin(), a_shape.end());
   y_shape.back() = a.N;
+  return "";
+}
+
+// Checks one input's dtype and shape; returns an error message or "".
+std::string check_input(Ort::ConstValue value, const char* name, ONNXTensorElementDataType type, const char* type_name,
+                        const std::vector<int64_t>& shape) {
+  const auto info = value.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() != type) return std::string(name) + " must be " + type_name;
+  if (info.GetShape() != shape) return std::string(name) + " of shape " + shape_text(info.GetShape()) + " is not " + shape_text(shape);
+  return "";
+}
+
+// HQQMatMul: checks the inputs against the attributes and fills `p` (all but Y); returns an error message or "".
+std::string describe_hqq(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
+  const size_t count = ctx.GetInputCount();
+  if (count < 4 || count > 5) return "expects 4 or 5 inputs, got " + std::to_string(count);
+  Ort::ConstValue A = ctx.GetInput(0), W = ctx.GetInput(1), scale = ctx.GetInput(2), zero = ctx.GetInput(3);
+  Ort::ConstValue bias = count == 5 ? ctx.GetInput(4) : Ort::ConstValue{nullptr};
+  if (A == nullptr || W == nullptr || scale == nullptr || zero == nullptr) return "A, W, scale and zero are required";
+  const std::string activations = describe_activations(A, a, p, y_shape);
+  if (!activations.empty()) return activations;
+  const auto a_type = static_cast<ONNXTensorElementDataType>(p.act);
 
   const auto w_info = W.GetTensorTypeAndShapeInfo();
   const auto w_type = w_info.GetElementType();
@@ -124,14 +142,78 @@ std::string describe(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::v
   p.row_words = words;
   p.bits = static_cast<int>(a.bits);
   p.axis = static_cast<int>(a.axis);
-  p.act = static_cast<DType>(a_type);
   p.meta = static_cast<DType>(s_info.GetElementType());
-  p.A = A.GetTensorRawData();
   p.W = W.GetTensorRawData();
   p.scale = scale.GetTensorRawData();
   p.zero = zero.GetTensorRawData();
   return "";
 }
+
+// HQQMatMulNBits (ops/nbits.py): the same checks for (A, B, scales, zero_points, group_sum, zero_correction), fp32.
+std::string describe_nbits(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
+  const size_t count = ctx.GetInputCount();
+  if (count != 6) return "expects 6 inputs, got " + std::to_string(count);
+  for (size_t i = 0; i < count; ++i) {
+    if (ctx.GetInput(i) == nullptr) return "A, B, scales, zero_points, group_sum and zero_correction are required";
+  }
+  const std::string activations = describe_activations(ctx.GetInput(0), a, p, y_shape);
+  if (!activations.empty()) return activations;
+  if (p.act != DType::F32) return "A must be float";
+  constexpr auto u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  constexpr auto f32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  const int64_t blocks = a.K / a.group_size;
+  const int64_t zp_row_bytes = (blocks * a.bits + 7) / 8;
+  const std::pair<const char*, std::string> checks[] = {
+      {"B", check_input(ctx.GetInput(1), "B", u8, "uint8", {a.N, blocks, a.group_size * a.bits / 8})},
+      {"scales", check_input(ctx.GetInput(2), "scales", f32, "float", {a.N * blocks})},
+      {"zero_points", check_input(ctx.GetInput(3), "zero_points", u8, "uint8", {a.N * zp_row_bytes})},
+      {"group_sum", check_input(ctx.GetInput(4), "group_sum", f32, "float", {a.K, blocks})},
+      {"zero_correction", check_input(ctx.GetInput(5), "zero_correction", f32, "float", {blocks, a.N})},
+  };
+  for (const auto& [name, message] : checks) {
+    if (!message.empty()) return message;
+  }
+  p.N = a.N;
+  p.K = a.K;
+  p.group_size = a.group_size;
+  p.groups = a.N * blocks;
+  p.row_words = a.K * a.bits / 8;
+  p.bits = static_cast<int>(a.bits);
+  p.axis = 1;
+  p.meta = DType::F32;
+  p.W = ctx.GetInput(1).GetTensorRawData();
+  p.scale = ctx.GetInput(2).GetTensorRawData();
+  p.zero_points = static_cast<const uint8_t*>(ctx.GetInput(3).GetTensorRawData());
+  p.correction = static_cast<const float*>(ctx.GetInput(5).GetTensorRawData());
+  p.zp_row_bytes = zp_row_bytes;
+  return "";
+}
+
+std::string check_nbits_attrs(const Attrs& a) {
+  if (a.N <= 0 || a.K <= 0) return "N and K must be positive";
+  if (a.bits != 2 && a.bits != 4 && a.bits != 8) return "bits must be 2, 4 or 8, got " + std::to_string(a.bits);
+  if (a.group_size < 16 || (a.group_size & (a.group_size - 1)) != 0 || a.K % a.group_size != 0) {
+    return "block_size " + std::to_string(a.group_size) + " is not a power of 2 >= 16 dividing K = " + std::to_string(a.K);
+  }
+  return "";
+}
+
+// What distinguishes the two ops: name, attributes (onnx name -> Attrs field), checks, inputs.
+struct OpSpec {
+  const char* op_type;
+  std::vector<std::pair<const char*, int64_t Attrs::*>> attributes;
+  std::string (*check)(const Attrs&);
+  std::string (*describe)(Ort::KernelContext&, const Attrs&, Problem&, std::vector<int64_t>&);
+  size_t inputs;
+  size_t optional_from;  // inputs from this index on are optional
+};
+
+const OpSpec kHqqSpec{"HQQMatMul",
+                      {{"N", &Attrs::N}, {"K", &Attrs::K}, {"bits", &Attrs::bits}, {"group_size", &Attrs::group_size}, {"axis", &Attrs::axis}},
+                      &check_attrs, &describe_hqq, 5, 4};
+const OpSpec kNbitsSpec{"HQQMatMulNBits",
+                        {{"N", &Attrs::N}, {"K", &Attrs::K}, {"bits", &Attrs::bits}, {"block_size", &Attrs::group_size}},
+                        &check_nbits_attrs, &describe_nbits, 6, 6};
 
 bool cpu_has_avx2() {
 #if defined(__x86_64__)
@@ -152,24 +234,26 @@ void serial_for(void*, void (*fn)(void*, size_t), size_t total, void* data) {
 
 template <typename Kernel>
 OrtStatusPtr compute(Kernel& kernel, OrtKernelContext* context) {
+  const char* op_type = kernel.spec->op_type;
   try {
     Ort::KernelContext ctx(context);
     Problem p;
     std::vector<int64_t> y_shape;
-    const std::string message = describe(ctx, kernel.attrs, p, y_shape);
-    if (!message.empty()) return error(kernel.node, message);
+    const std::string message = kernel.spec->describe(ctx, kernel.attrs, p, y_shape);
+    if (!message.empty()) return error(op_type, kernel.node, message);
     auto Y = ctx.GetOutput(0, y_shape);
     p.Y = Y.GetTensorMutableRawData();
     if (p.M == 0) return nullptr;
     const std::string failure = kernel.run(ctx, p);
-    return failure.empty() ? nullptr : error(kernel.node, failure);
+    return failure.empty() ? nullptr : error(op_type, kernel.node, failure);
   } catch (const std::exception& e) {
-    return error(kernel.node, e.what());
+    return error(op_type, kernel.node, e.what());
   }
 }
 
 struct CpuKernel {
   static constexpr const char* kProvider = "CPUExecutionProvider";
+  const OpSpec* spec;
   Attrs attrs;
   std::string node;
 
@@ -185,6 +269,7 @@ struct CpuKernel {
 #ifdef HQEXPORT_WITH_CUDA
 struct CudaKernel {
   static constexpr const char* kProvider = "CUDAExecutionProvider";
+  const OpSpec* spec;
   Attrs attrs;
   std::string node;
 
@@ -199,7 +284,7 @@ struct CudaKernel {
 
 template <typename Kernel>
 struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
-  explicit Op(ONNXTensorElementDataType act) : act_(act) {}
+  Op(const OpSpec& spec, ONNXTensorElementDataType act) : spec_(&spec), act_(act) {}
 
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** out) const {
     std::string node = "?";
@@ -207,46 +292,52 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
       Ort::ConstKernelInfo kinfo(info);
       node = kinfo.GetNodeName();
       Attrs a;
-      for (auto [name, field] : {std::pair<const char*, int64_t*>{"N", &a.N}, {"K", &a.K}, {"bits", &a.bits},
-                                 {"group_size", &a.group_size}, {"axis", &a.axis}}) {
+      for (const auto& [name, field] : spec_->attributes) {
         int64_t value = 0;
         if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value)) {
           Ort::GetApi().ReleaseStatus(status);
-          return error(node, std::string("missing or non-integer attribute '") + name + "'");
+          return error(spec_->op_type, node, std::string("missing or non-integer attribute '") + name + "'");
         }
-        *field = value;
+        a.*field = value;
       }
-      const std::string message = check_attrs(a);
-      if (!message.empty()) return error(node, message);
-      *out = new Kernel{a, node};
+      const std::string message = spec_->check(a);
+      if (!message.empty()) return error(spec_->op_type, node, message);
+      *out = new Kernel{spec_, a, node};
       return nullptr;
     } catch (const std::exception& e) {
-      return error(node, e.what());
+      return error(spec_->op_type, node, e.what());
     }
   }
 
-  const char* GetName() const { return kOpType; }
+  const char* GetName() const { return spec_->op_type; }
   const char* GetExecutionProviderType() const { return Kernel::kProvider; }
-  size_t GetInputTypeCount() const { return 5; }
+  size_t GetInputTypeCount() const { return spec_->inputs; }
+  // A (and HQQMatMul's bias) carry the overload's dtype; the others are checked in describe_*
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 0 || i == 4 ? act_ : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    return i == 0 || (spec_ == &kHqqSpec && i == 4) ? act_ : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return i >= spec_->optional_from ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return act_; }
 
  private:
+  const OpSpec* spec_;
   ONNXTensorElementDataType act_;
 };
 
 template <typename Kernel>
-void add_ops(Ort::CustomOpDomain& domain) {
-  static Op<Kernel> f32(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-  static Op<Kernel> f16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+void add_hqq_ops(Ort::CustomOpDomain& domain) {
+  static Op<Kernel> f32(kHqqSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  static Op<Kernel> f16(kHqqSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
   domain.Add(&f32);
   domain.Add(&f16);
+}
+
+void add_nbits_op(Ort::CustomOpDomain& domain) {
+  static Op<CpuKernel> f32(kNbitsSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  domain.Add(&f32);
 }
 
 // Domains must outlive every session that uses them: kept until the library is unloaded.
@@ -265,9 +356,10 @@ HQX_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   Ort::InitApi(api);
   try {
     Ort::CustomOpDomain domain{hqx::kDomain};
-    hqx::add_ops<hqx::CpuKernel>(domain);
+    hqx::add_hqq_ops<hqx::CpuKernel>(domain);
+    hqx::add_nbits_op(domain);
 #ifdef HQEXPORT_WITH_CUDA
-    hqx::add_ops<hqx::CudaKernel>(domain);
+    hqx::add_hqq_ops<hqx::CudaKernel>(domain);
 #endif
     Ort::UnownedSessionOptions(options).Add(domain);
     std::lock_guard<std::mutex> lock(hqx::domains_mutex);

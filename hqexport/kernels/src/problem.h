@@ -25,6 +25,12 @@ struct Problem {
   const void* zero = nullptr;
   const void* bias = nullptr;  // may be null
   void* Y = nullptr;
+  // hqexport::HQQMatMulNBits (ops/nbits.py) instead of `zero`: W in MatMulNBits' layout (= the canonical one for
+  // bits 2, 4, 8), integer zero points packed like MatMulNBits' (zp_row_bytes per row), and the correction
+  // [K / group_size, N] = (zero_point - zero) * scale, all fp32 with axis 1.
+  const uint8_t* zero_points = nullptr;
+  const float* correction = nullptr;
+  int64_t zp_row_bytes = 0;
 };
 
 // Codes per word of W: 10 for bits 3 (uint32 words, bits 30-31 unused), else 8 / bits (uint8 words).
