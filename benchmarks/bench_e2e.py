@@ -5,16 +5,18 @@
 
 In a work folder it builds, each in its own process (wall time, peak RSS):
 
-- hqexport: `convert` (the exact default), `--ops hqq --with-kernels` (the compiled kernel library in the folder, named
-  in genai_config.json), `--accuracy-level 4
-  --lm-head int8` and `--accuracy-level 4 --lm-head int4` (lossy), and `hqexport-fp32`: the same graph on hqq's
-  dequantized weights as plain fp32 MatMuls (our own fp32 export);
+- hqexport: `convert` (the exact default: HQQMatMulNBits nodes, the compiled kernel library in the folder, named in
+  genai_config.json), `--no-kernels` (the same graph without the library: its function bodies, stock onnxruntime
+  ops), `--ops hqq` (HQQMatMul nodes with the library), `--accuracy-level 4 --lm-head int8` and `--accuracy-level 4
+  --lm-head int4` (lossy), and `hqexport-fp32`: the same graph on hqq's dequantized weights as plain fp32 MatMuls
+  (our own fp32 export);
 - onnxruntime-genai's model builder (`python -m onnxruntime_genai.models.builder -e cpu`) on a Hugging Face folder
   of the same dequantized weights: `-p fp32`, `-p int4` with its defaults (accuracy_level 4, block 32), and
   `-p int4` with accuracy_level 1 (fp32 compute) and the source's group size as block size.
 
-Each ONNX variant then runs in a fresh process (batch 1, greedy, default threads) through plain onnxruntime and
-through onnxruntime-genai: prefill of `--prefill` tokens (onnxruntime only); a `--prompt`-token prompt, then
+Each ONNX variant then runs in a fresh process (batch 1, greedy, default threads) through plain onnxruntime (with
+the kernel library registered where the folder ships one, as samples/python_generate does) and through
+onnxruntime-genai (which registers it from genai_config.json): prefill of `--prefill` tokens (onnxruntime only); a `--prompt`-token prompt, then
 `--decode` cached steps, each timed (tok/s = 1 / median step). Every variant runs `--rounds` times, the rounds
 interleaved (all variants once, then all again), and the table shows each timing's median over the rounds, so a
 slow spell of the shared machine lands on every variant rather than on one. PyTorch with hqq's HQQLinear layers
@@ -48,8 +50,9 @@ VARIANTS = {
     "builder-int4-acc1": ("builder -p int4, accuracy_level 1, block = group size", ("builder", "-p int4 acc1")),
     "builder-int4": ("builder -p int4 defaults (accuracy_level 4, block 32)", ("builder", "-p int4")),
     "hqexport-fp32": ("hqexport graph, dequantized fp32 weights", ("convert-fp32", [])),
-    "hqexport": ("hqexport convert (default: exact)", ("convert", [])),
-    "hqexport-kernels": ("convert --ops hqq --with-kernels (exact)", ("convert", ["--ops", "hqq", "--with-kernels"])),
+    "hqexport": ("hqexport convert (default: exact, kernels library in the folder)", ("convert", [])),
+    "hqexport-portable": ("convert --no-kernels (exact, stock onnxruntime ops)", ("convert", ["--no-kernels"])),
+    "hqexport-kernels": ("convert --ops hqq (exact, HQQMatMul kernels)", ("convert", ["--ops", "hqq", "--with-kernels"])),
     "hqexport-fast": ("convert --accuracy-level 4 --lm-head int8 (lossy)", ("convert", ["--accuracy-level", "4", "--lm-head", "int8"])),
     "hqexport-fast-int4": ("convert --accuracy-level 4 --lm-head int4 (lossy)", ("convert", ["--accuracy-level", "4", "--lm-head", "int4"])),
 }
@@ -331,7 +334,6 @@ def build(source: Path, work: Path, selected: list[str], group_size: int, reuse:
     needs_hf = any(VARIANTS[v][1] and VARIANTS[v][1][0] == "builder" for v in selected)
     if needs_hf:
         run_task({"task": "hf-folder", "source": str(source), "out": str(work / "hf")}, work, reuse)
-    library = None
     for variant in selected:
         how = VARIANTS[variant][1]
         out = work / variant
@@ -348,9 +350,13 @@ def build(source: Path, work: Path, selected: list[str], group_size: int, reuse:
         else:
             facts[variant] = run_task({"task": "convert", "variant": variant, "source": str(source), "out": str(out), "args": options}, work, reuse)
         paths[variant] = out
-        if variant == "hqexport-kernels":  # convert --with-kernels put the library into the folder
-            library = str(out / json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["custom_ops_library"])
-    return paths, {"variants": facts, "library": library}
+    return paths, {"variants": facts}
+
+
+def shipped_library(folder: Path) -> str | None:
+    """The kernel library a converted folder ships (named in its genai_config.json), if any."""
+    options = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {})
+    return str(folder / options["custom_ops_library"]) if "custom_ops_library" in options else None
 
 
 def source_tokens(source: Path, count: int) -> list[int]:
@@ -416,7 +422,7 @@ def benchmark(args: argparse.Namespace, work: Path, selected: list[str], out: Pa
         for variant in runnable:
             spec = {"task": "run", "variant": variant, "round": f"round{round_}", "path": str(paths[variant]), "tokens": tokens,
                     "prompt": args.prompt, "decode": args.decode, "prefill": args.prefill,
-                    "library": built["library"] if variant == "hqexport-kernels" else None}
+                    "library": None if variant == "pytorch-hqq" else shipped_library(paths[variant])}
             rounds[variant].append(run_task(spec, work))
     for variant in selected:
         if variant not in runnable:

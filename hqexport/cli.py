@@ -88,8 +88,10 @@ def inspect(path: Path, as_json: bool) -> None:
     type=click.Choice(["auto", "hqq", "ort"]),
     default="auto",
     show_default=True,
-    help="auto: onnxruntime's MatMulNBits where it expresses a layer exactly, hqexport.HQQMatMul elsewhere; "
-    "hqq: hqexport.HQQMatMul everywhere; ort: MatMulNBits everywhere (error if a layer cannot be).",
+    help="auto: MatMulNBits' layout where it expresses a layer exactly (one hqexport.HQQMatMulNBits node: "
+    "MatMulNBits plus HQQ's zero-point correction, a compiled kernel where the library is registered), "
+    "hqexport.HQQMatMul elsewhere; hqq: hqexport.HQQMatMul everywhere; ort: onnxruntime's own ops only, "
+    "MatMulNBits everywhere (error if a layer cannot be).",
 )
 @click.option(
     "--accuracy-level",
@@ -100,18 +102,21 @@ def inspect(path: Path, as_json: bool) -> None:
     "block: faster decode on CPU, but no longer HQQ's result (validate reports how far it moved).",
 )
 @click.option(
-    "--with-kernels",
-    is_flag=True,
-    help="With --ops hqq: copy the compiled kernel library (built if needed, see `hqexport kernels build`) into OUT "
-    "and name it in genai_config.json, so onnxruntime-genai runs the hqexport ops packed and fast.",
+    "--with-kernels/--no-kernels",
+    default=None,
+    help="Copy the compiled kernel library (built if needed, see `hqexport kernels build`) into OUT and name it in "
+    "genai_config.json, so onnxruntime (once registered) and onnxruntime-genai run each hqexport op as one fast "
+    "kernel. Default: yes when the graph has hqexport ops and the library builds on this machine. The library is "
+    "for this OS, CPU family and onnxruntime: --no-kernels for a folder that goes elsewhere (web, mobile, another "
+    "OS), where the ops run as their ONNX function bodies (stock onnxruntime ops).",
 )
 @click.option(
     "--lm-head",
     type=click.Choice(["fp32", "int8", "int4"]),
     default="fp32",
     show_default=True,
-    help="fp32: the fp lm_head stays a fp32 MatMul, exact. int8 / int4: requantize it blockwise with onnxruntime's "
-    "quantizer (lossy; faster decode: the head is most of what a small model's decode step reads; int8 is fast on "
+    help="fp32: the fp lm_head stays a fp32 MatMul, exact. int8 / int4: requantize it with hqq, group 32 "
+    "(lossy; faster decode: the head is most of what a small model's decode step reads; int8 is fast on "
     "CPU only with --accuracy-level 4). validate measures the loss.",
 )
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="dtype of activations and fp weights.")
@@ -120,7 +125,7 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def convert(
     source: Path, out: Path, adapters: tuple[str, ...], adapter_mode: str | None, ops: str, accuracy_level: str,
-    with_kernels: bool, lm_head: str, dtype: str, opset: int | None, force: bool, as_json: bool,
+    with_kernels: bool | None, lm_head: str, dtype: str, opset: int | None, force: bool, as_json: bool,
 ) -> None:
     """Export an HQQ model folder (and its LoRA adapters) to an ONNX folder.
 
@@ -139,9 +144,10 @@ def convert(
     else:
         op_counts = ", ".join(f"{count} {op}" for op, count in summary.ops.items())
         adapters_note = f", adapters: {', '.join(summary.adapters)}" if summary.adapters else ""
+        kernels_note = f", kernels: {summary.kernels} (this platform only; --no-kernels for others)" if summary.kernels else ""
         click.echo(
             f"Wrote {summary.out}: {summary.architecture}, {summary.quantized_layers} quantized layers ({op_counts})"
-            f"{adapters_note}, {summary.onnx_bytes / 1e6:.2f} MB in {summary.seconds:.1f} s"
+            f"{adapters_note}{kernels_note}, {summary.onnx_bytes / 1e6:.2f} MB in {summary.seconds:.1f} s"
         )
 
 

@@ -56,6 +56,7 @@ class ConvertSummary:
     dtype: str
     opset: int
     ops: dict[str, int]  # op -> number of quantized layers computed by it
+    kernels: str | None  # the compiled kernel library shipped in the folder (file name), if any
     lm_head: str  # how the head is stored: fp32, int8 / int4 (lossy), hqq (an HQQ layer of the source)
     adapters: dict[str, dict[str, Any]]  # the manifest's adapters section
     onnx_bytes: int  # model.onnx + model.onnx.data
@@ -76,7 +77,7 @@ def convert(
     ops: str = "auto",
     accuracy_level: int = 0,
     lm_head: str = "fp32",
-    with_kernels: bool = False,
+    with_kernels: bool | None = None,
     adapters: Sequence[str] = (),
     adapter_mode: str | None = None,
     force: bool = False,
@@ -88,9 +89,10 @@ def convert(
     bake or merge. ops: auto (MatMulNBits where it is exact, hqexport op elsewhere), hqq (hqexport op
     everywhere) or ort (MatMulNBits everywhere, an error for a layer it cannot express). accuracy_level: of the
     MatMulNBits nodes (ACCURACY_LEVELS); 4 trades HQQ's exact result for int8 activations. lm_head: fp32 (exact)
-    or a lossy int8 / int4 requantization of an fp head (lower/lm_head.py). with_kernels (with ops hqq): put the
-    compiled kernel library (built if needed) into the folder and name it in genai_config.json, so that
-    onnxruntime-genai runs the hqexport ops on it.
+    or a lossy int8 / int4 requantization of an fp head (lower/lm_head.py). with_kernels: put the compiled kernel
+    library (built if needed) into the folder and name it in genai_config.json, so that onnxruntime-genai runs the
+    hqexport ops on it; None (the default) does so when the graph has hqexport ops and the library can be built
+    on this machine, False never (a folder for another platform: the ops then run as their function bodies).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -100,8 +102,8 @@ def convert(
         raise HQExportError(f"--ops {ops!r} is not supported; choose {', '.join(OPS)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise HQExportError(f"--accuracy-level {accuracy_level} is not supported; choose {', '.join(map(str, ACCURACY_LEVELS))}")
-    if with_kernels and ops != "hqq":
-        raise HQExportError(f"--with-kernels packages the library that runs hqexport ops; --ops {ops} lowers them to MatMulNBits, use --ops hqq")
+    if with_kernels and ops == "ort":
+        raise HQExportError("--with-kernels packages the library that runs hqexport ops; --ops ort writes none")
     if accuracy_level and ops == "hqq":
         raise HQExportError("--accuracy-level sets how MatMulNBits computes; --ops hqq writes no MatMulNBits node")
     if adapter_mode is not None and adapter_mode not in MODES:
@@ -152,7 +154,7 @@ def convert(
                 _lower(graph, layer_ops, ops, accuracy_level)
         if head is not None:  # not a layer of the source: the manifest describes it under model.lm_head
             head_op = layer_ops.pop(HEAD_PATH)
-            shared = config.tie_word_embeddings and head_op["op"] == "com.microsoft.MatMulNBits"
+            shared = config.tie_word_embeddings and head_op["op"] != HQQ_OP  # lowered: MatMulNBits tables
             if shared:
                 share_embedding(graph.model, head_op["initializers"], bits=storage_bits(head.fmt), block_size=head.fmt.group_size)
             choice = dataclasses.replace(choice, op=head_op["op"], shared_with_embedding=shared if config.tie_word_embeddings else None)
@@ -163,7 +165,8 @@ def convert(
         for path in qmodel.tokenizer_files:
             shutil.copy2(path, staging / path.name)
         config.save_pretrained(staging)  # config.json: what transformers-based runtimes (optimum) read
-        library = _copy_kernels(staging, steps) if with_kernels else None
+        uses_hqexport_ops = any(node.domain == DOMAIN for node in graph.model.graph)
+        library = _ship_kernels(staging, steps, with_kernels, needed=uses_hqexport_ops)
         (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(config, io, custom_ops_library=library), indent=2))
         outputs = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         architecture = config.architectures[0] if config.architectures else qmodel.architecture
@@ -183,6 +186,7 @@ def convert(
         dtype=dtype,
         opset=opset,
         ops=_count_ops(layer_ops),
+        kernels=library,
         lm_head=manifest["model"]["lm_head"]["format"],
         adapters=adapter_manifest,
         onnx_bytes=onnx_bytes,
@@ -220,12 +224,22 @@ def _merge(qmodel: QuantizedModel, specs: list[AdapterSpec], steps: _Steps) -> t
     return merged, {spec.name: entry}
 
 
-def _copy_kernels(staging: Path, steps: _Steps) -> str:
-    """Copy the compiled kernel library into the folder (onnxruntime-genai loads custom ops only from there)."""
-    from hqexport.kernels import library_path
+def _ship_kernels(staging: Path, steps: _Steps, with_kernels: bool | None, *, needed: bool) -> str | None:
+    """Copy the compiled kernel library into the folder (onnxruntime-genai loads custom ops only from there) and
+    return its file name: always with --with-kernels, never with --no-kernels, and by default where the graph has
+    hqexport ops and the library can be built here (else the folder goes without it, and says so)."""
+    from hqexport.kernels import KernelBuildError, library_path
 
-    with steps("Building / finding the compiled kernel library (--with-kernels)"):
-        library = library_path(build=True)  # KernelBuildError (an HQExportError) says why it cannot be built
+    if with_kernels is False or (with_kernels is None and not needed):
+        return None
+    with steps("Building / finding the compiled kernel library"):
+        try:
+            library = library_path(build=True)
+        except KernelBuildError as error:
+            if with_kernels:
+                raise
+            steps.note(f"No compiled kernels in the folder ({error}); its hqexport ops run as their ONNX function bodies.")
+            return None
     shutil.copy2(library, staging / library.name)
     return library.name
 
@@ -296,3 +310,7 @@ class _Steps:
         with self.console.status(label):
             yield
         self.console.print(f"[green]✓[/green] {label} [dim]({time.perf_counter() - started:.1f} s)[/dim]")
+
+    def note(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(f"[yellow]![/yellow] {text}")

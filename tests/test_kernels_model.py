@@ -107,15 +107,17 @@ def test_kernel_session_keeps_weights_packed(exported: Exported, tmp_path: Path)
     assert len(_float_weights(plain, shapes)) >= layers
 
 
-def test_with_kernels_folder_runs_in_onnxruntime_genai(hqq_source, tmp_path):
-    """convert --ops hqq --with-kernels: the library is in the folder and named in genai_config.json, so
-    onnxruntime-genai runs the hqexport ops; its greedy tokens equal those of onnxruntime with the library."""
+@pytest.mark.parametrize("ops", ["auto", "hqq"])
+def test_kernels_folder_runs_in_onnxruntime_genai(hqq_source, tmp_path, ops):
+    """convert (by default, where the library builds) puts the library into the folder and names it in
+    genai_config.json, so onnxruntime-genai runs the hqexport ops (HQQMatMulNBits with --ops auto, HQQMatMul with
+    --ops hqq) on it; its greedy tokens equal those of onnxruntime with the library."""
     import json
 
     import onnxruntime_genai as og
 
     out = tmp_path / "onnx"
-    convert(hqq_source("llama", "pickle", **FORMATS["4bit"]), out, ops="hqq", with_kernels=True, progress=False)
+    convert(hqq_source("llama", "pickle", **FORMATS["4bit"]), out, ops=ops, progress=False)
     library = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["custom_ops_library"]
     assert (out / library).is_file() and library in json.loads((out / "hqexport.json").read_text())["outputs"]
     prompt, steps = PROMPTS[0], 6
@@ -141,7 +143,41 @@ def test_with_kernels_folder_runs_in_onnxruntime_genai(hqq_source, tmp_path):
     assert genai == expected and len(genai) == steps
 
 
-def test_with_kernels_needs_ops_hqq(hqq_source, tmp_path):
-    with pytest.raises(HQExportError, match="--with-kernels packages the library that runs hqexport ops"):
-        convert(hqq_source("llama", "pickle", **FORMATS["4bit"]), tmp_path / "out", with_kernels=True, progress=False)
+def test_with_kernels_is_refused_with_ops_ort(hqq_source, tmp_path):
+    with pytest.raises(HQExportError, match="--with-kernels packages the library that runs hqexport ops; --ops ort writes none"):
+        convert(hqq_source("llama", "pickle", **FORMATS["4bit"]), tmp_path / "out", ops="ort", with_kernels=True, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def _shipped_library(out) -> str | None:
+    import json
+
+    return json.loads((out / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {}).get("custom_ops_library")
+
+
+def test_no_kernels_writes_a_portable_folder(hqq_source, tmp_path):
+    """--no-kernels: no library in the folder or genai_config.json; the same graph as the default export."""
+    source = hqq_source("llama", "pickle", **FORMATS["4bit"])
+    convert(source, tmp_path / "default", progress=False)
+    convert(source, tmp_path / "portable", with_kernels=False, progress=False)
+    assert _shipped_library(tmp_path / "default") is not None and _shipped_library(tmp_path / "portable") is None
+    assert not list((tmp_path / "portable").glob("*.so"))
+    assert (tmp_path / "portable" / "model.onnx").read_bytes() == (tmp_path / "default" / "model.onnx").read_bytes()
+
+
+def test_default_export_goes_without_kernels_that_cannot_be_built(hqq_source, tmp_path, monkeypatch, capsys):
+    """Where the library does not build, the default convert writes the folder without it and says why;
+    --with-kernels makes that an error (and leaves no folder)."""
+    import hqexport.kernels
+
+    def unbuildable(build: bool = False):  # noqa: ANN202
+        raise hqexport.kernels.KernelBuildError("no C++ compiler (g++) on PATH")
+
+    monkeypatch.setattr(hqexport.kernels, "library_path", unbuildable)
+    source = hqq_source("llama", "pickle", **FORMATS["4bit"])
+    summary = convert(source, tmp_path / "out", progress=True)
+    assert summary.kernels is None and _shipped_library(tmp_path / "out") is None
+    assert "No compiled kernels in the folder (no C++ compiler (g++) on PATH)" in capsys.readouterr().err
+    with pytest.raises(HQExportError, match="no C\\+\\+ compiler"):
+        convert(source, tmp_path / "insisted", with_kernels=True, progress=False)
+    assert not (tmp_path / "insisted").exists()

@@ -32,10 +32,12 @@ class Decoder:
     def __init__(self, folder: Path, kernels: Path | None = None) -> None:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # LoRA parameters are overridable initializers: ORT warns about each one
-        if kernels is not None:  # hqexport's compiled HQQMatMul kernels; without them the op runs as its ONNX function
+        config = json.loads((folder / "genai_config.json").read_text())["model"]
+        shipped = config["decoder"].get("session_options", {}).get("custom_ops_library")
+        kernels = kernels or (folder / shipped if shipped else None)
+        if kernels is not None:  # hqexport's compiled kernels; without them its ops run as their ONNX function bodies
             options.register_custom_ops_library(str(kernels))
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        config = json.loads((folder / "genai_config.json").read_text())["model"]
         self.eos = set(np.atleast_1d(config["eos_token_id"]).tolist())
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.layers = sum(1 for name in inputs if _PAST.match(name))
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-    parser.add_argument("--kernels", type=Path, help="hqexport kernels library (`hqexport kernels path`)")
+    parser.add_argument("--kernels", type=Path, help="hqexport kernels library (default: the one the folder ships, if any)")
     parser.add_argument("--token-ids", action="store_true", help="print one JSON line of token ids per request")
     args = parser.parse_args(argv)
 
