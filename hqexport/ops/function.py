@@ -15,6 +15,7 @@ from __future__ import annotations
 import onnx
 from onnx import AttributeProto, FunctionProto, ModelProto, TensorProto, helper
 
+from hqexport.ops import nbits
 from hqexport.ops.schema import DOMAIN, OP_TYPE, SINCE_VERSION
 
 #: opsets the body is valid for (BitwiseAnd needs 18)
@@ -144,8 +145,6 @@ def attach_function(model: ModelProto) -> None:
 
     Replaces an existing function of the same op (e.g. a stub an exporter wrote) by hqexport's body.
     """
-    from hqexport.ops import nbits  # builds on this package's schema module
-
     bodies = {OP_TYPE: hqq_matmul_function, nbits.OP_TYPE: nbits.hqq_matmul_nbits_function}
     used = _used_ops(model.graph)
     for function in model.functions:
