@@ -127,17 +127,29 @@ def test_what_can_be_lowered(nbits, group_size, axis, reason):
 FUSED_CASES = [(4, 64, K), (4, 32, 96), (8, 128, K), (3, 64, K), (2, 32, K), (2, 16, 80), (1, 16, K)]
 
 
-@pytest.mark.parametrize("runtime", ["function body", "kernel"])
+def _correction_as_input(model: ir.Model) -> np.ndarray:
+    """Make layer0's zero_correction a graph input (not a constant the kernel can read when it is created); its value."""
+    value = model.graph.initializers.pop("layer0.zero_correction")
+    array = value.const_value.numpy()
+    value.const_value = None
+    value.type, value.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
+    model.graph.inputs.append(value)
+    return array
+
+
+@pytest.mark.parametrize("runtime", ["function body", "kernel", "kernel, correction fed per call"])
 @pytest.mark.parametrize("nbits, group_size, in_features", FUSED_CASES)
 def test_fused_node_matches_hqq_forward(nbits, group_size, in_features, runtime, request):
     """--ops auto writes one HQQMatMulNBits node per layer; stock onnxruntime runs its body (MatMulNBits plus the
-    zero-point correction) and the library its kernel, and both compute hqq's layer for decode and prefill rows."""
+    zero-point correction) and the library its kernel, and both compute hqq's layer for decode and prefill rows.
+    The kernel turns constant zero points and correction into HQQ's zeros once; fed per call, on every call."""
     hqq_layer = _hqq_layer(nbits, group_size, axis=1, bias=True, in_features=in_features, seed=nbits * 100 + group_size)
     lowering = LowerToMatMulNBits("auto")
     model = lowering(_single_layer_model(hqq_layer)).model
     assert lowering.decisions["layer0"].op == "hqexport.HQQMatMulNBits"
     assert [(n.domain, n.op_type) for n in model.graph] == [("hqexport", "HQQMatMulNBits"), ("", "Add")]  # + bias
-    library = request.getfixturevalue("library") if runtime == "kernel" else None
+    feeds = {"layer0.zero_correction": _correction_as_input(model)} if runtime.endswith("per call") else {}
+    library = request.getfixturevalue("library") if runtime.startswith("kernel") else None
     session = _session(model, library)
     with torch.no_grad():
         weight = hqq_layer.dequantize().double()
@@ -146,7 +158,7 @@ def test_fused_node_matches_hqq_forward(nbits, group_size, in_features, runtime,
     for rows in (1, 3, 5, 64):  # the kernel's factorized decode path below 4 rows, its dequantizing path from 4
         x = torch.randn(rows, in_features, dtype=torch.float64)
         expected = (x @ weight.T + hqq_layer.bias.detach().double()).numpy()
-        got = session.run(None, {"A": x.float().numpy()})[0]
+        got = session.run(None, {"A": x.float().numpy(), **feeds})[0]
         # fp32 rounding: the kernel's factorized sum skips rounding (q - z) but its terms reach |w| + |z s|
         # (docs/kernels.md); the body's correction adds the same two-term form
         bound = 64 * np.finfo(np.float32).eps * (x.abs() @ (weight.abs() + 2 * zero_scale).T).numpy() + 1e-6

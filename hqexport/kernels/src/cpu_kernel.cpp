@@ -319,16 +319,6 @@ struct FastJob {
   float* Y;              // [M, N]
 };
 
-// s * z of group g (row n, group gi of the row): hqq's zero, or HQQMatMulNBits' zero point and correction.
-inline float scaled_zero(const Problem& p, int64_t n, int64_t gi, int64_t g) {
-  const float s = static_cast<const float*>(p.scale)[g];
-  if (p.correction == nullptr) return s * static_cast<const float*>(p.zero)[g];
-  const int per = 8 / p.bits;
-  const uint8_t byte = p.zero_points[n * p.zp_row_bytes + gi / per];
-  const float zero_point = static_cast<float>((byte >> (p.bits * (gi % per))) & ((1 << p.bits) - 1));
-  return s * zero_point - p.correction[gi * p.N + n];
-}
-
 template <typename Word, int BITS, int PER, int R>
 inline void fast_rows(const FastJob& job, int64_t n0) {
   const Problem& p = *job.p;
@@ -336,6 +326,7 @@ inline void fast_rows(const FastJob& job, int64_t n0) {
   const int64_t groups_per_row = p.K / p.group_size;
   const int64_t blocks_per_group = p.group_size / kBlock;
   const float* scale = static_cast<const float*>(p.scale);
+  const float* zero = static_cast<const float*>(p.zero);
   const Word* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = static_cast<const Word*>(p.W) + (n0 + r) * p.row_words;
   for (int64_t m = 0; m < p.M; ++m) {
@@ -361,7 +352,7 @@ inline void fast_rows(const FastJob& job, int64_t n0) {
       for (int r = 0; r < R; ++r) {
         const int64_t g = (n0 + r) * groups_per_row + gi;
         total[r] += scale[g] * acc[r];
-        offset[r] += scaled_zero(p, n0 + r, gi, g) * asum[gi];
+        offset[r] += scale[g] * zero[g] * asum[gi];
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -446,20 +437,12 @@ bool fast_gemv(const Problem& p, const Runner& runner) {
 
 namespace {
 
-// HQQMatMulNBits outside the factorized path: the zeros z = zero_point - correction / scale (fp32 rounding; a
-// zero scale makes the group's weights zero whatever z is), then the dequantizing path.
+// HQQMatMulNBits whose zeros were not computed when the kernel was created (inputs that are not initializers):
+// compute them for this call, then run it as HQQMatMul.
 bool with_zeros(const Problem& p, const Runner& runner) {
-  const int64_t groups_per_row = p.K / p.group_size;
   float* zeros = static_cast<float*>(std::malloc(static_cast<size_t>(p.groups) * sizeof(float)));
   if (zeros == nullptr) return false;
-  const float* scale = static_cast<const float*>(p.scale);
-  for (int64_t n = 0; n < p.N; ++n) {
-    for (int64_t gi = 0; gi < groups_per_row; ++gi) {
-      const int64_t g = n * groups_per_row + gi;
-      const float s = scale[g];
-      zeros[g] = s == 0.f ? 0.f : scaled_zero(p, n, gi, g) / s;
-    }
-  }
+  nbits_zeros(p, zeros);
   Problem q = p;
   q.zero = zeros;
   q.zero_points = nullptr;
@@ -472,8 +455,8 @@ bool with_zeros(const Problem& p, const Runner& runner) {
 }  // namespace
 
 bool matmul(const Problem& p, const Runner& runner) {
-  if (fast_applies(p)) return fast_gemv(p, runner);
   if (p.correction != nullptr) return with_zeros(p, runner);
+  if (fast_applies(p)) return fast_gemv(p, runner);
   const bool half = p.act == DType::F16;
   const size_t a_count = static_cast<size_t>(p.M * p.K);
   const size_t y_count = static_cast<size_t>(p.M * p.N);

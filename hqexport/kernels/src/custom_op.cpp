@@ -10,9 +10,11 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <cstdio>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "problem.h"
@@ -251,13 +253,50 @@ OrtStatusPtr compute(Kernel& kernel, OrtKernelContext* context) {
   }
 }
 
+// HQQMatMulNBits whose scales, zero points and correction are initializers (as convert writes them): HQQ's zeros
+// (nbits_zeros), computed once when the kernel is created, so that each call runs exactly as HQQMatMul does.
+// Empty when an input is not constant or not of the expected shape (describe_nbits then reports it at run time).
+std::vector<float> constant_zeros(const Ort::ConstKernelInfo& info, const Attrs& a) {
+  int constant[3] = {0, 0, 0};
+  const Ort::ConstValue scales = info.GetTensorConstantInput(2, &constant[0]);
+  const Ort::ConstValue zero_points = info.GetTensorConstantInput(3, &constant[1]);
+  const Ort::ConstValue correction = info.GetTensorConstantInput(5, &constant[2]);
+  if (!constant[0] || !constant[1] || !constant[2]) return {};
+  const int64_t blocks = a.K / a.group_size;
+  Problem p;
+  p.N = a.N;
+  p.K = a.K;
+  p.group_size = a.group_size;
+  p.bits = static_cast<int>(a.bits);
+  p.zp_row_bytes = (blocks * a.bits + 7) / 8;
+  constexpr auto u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  constexpr auto f32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (!check_input(scales, "scales", f32, "float", {a.N * blocks}).empty() ||
+      !check_input(zero_points, "zero_points", u8, "uint8", {a.N * p.zp_row_bytes}).empty() ||
+      !check_input(correction, "zero_correction", f32, "float", {blocks, a.N}).empty()) {
+    return {};
+  }
+  p.scale = scales.GetTensorRawData();
+  p.zero_points = static_cast<const uint8_t*>(zero_points.GetTensorRawData());
+  p.correction = static_cast<const float*>(correction.GetTensorRawData());
+  std::vector<float> zeros(static_cast<size_t>(a.N * blocks));
+  nbits_zeros(p, zeros.data());
+  return zeros;
+}
+
 struct CpuKernel {
   static constexpr const char* kProvider = "CPUExecutionProvider";
   const OpSpec* spec;
   Attrs attrs;
   std::string node;
+  std::vector<float> zeros;  // HQQMatMulNBits: constant_zeros, if computed
 
   std::string run(Ort::KernelContext& ctx, Problem& p) {
+    if (!zeros.empty()) {
+      p.zero = zeros.data();
+      p.zero_points = nullptr;
+      p.correction = nullptr;
+    }
     const Runner runner{ctx.GetOrtKernelContext(), &ort_parallel_for};
     const bool ok = cpu_has_avx2() ? avx2::matmul(p, runner) : baseline::matmul(p, runner);
     return ok ? "" : "out of memory";
@@ -302,7 +341,11 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
       }
       const std::string message = spec_->check(a);
       if (!message.empty()) return error(spec_->op_type, node, message);
-      *out = new Kernel{spec_, a, node};
+      auto kernel = std::make_unique<Kernel>(Kernel{spec_, a, node});
+      if constexpr (std::is_same_v<Kernel, CpuKernel>) {
+        if (spec_ == &kNbitsSpec) kernel->zeros = constant_zeros(kinfo, a);
+      }
+      *out = kernel.release();
       return nullptr;
     } catch (const std::exception& e) {
       return error(spec_->op_type, node, e.what());

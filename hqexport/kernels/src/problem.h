@@ -36,6 +36,22 @@ struct Problem {
 // Codes per word of W: 10 for bits 3 (uint32 words, bits 30-31 unused), else 8 / bits (uint8 words).
 inline int64_t codes_per_word(int64_t bits) { return bits == 3 ? 10 : 8 / bits; }
 
+// HQQMatMulNBits' zeros as HQQ's: z = zero_point - correction / scale per group ([N * K / group_size], fp32
+// rounding; a zero scale makes the group's weights zero whatever z is), so that the HQQMatMul paths run it.
+inline void nbits_zeros(const Problem& p, float* zeros) {
+  const int64_t groups_per_row = p.K / p.group_size;
+  const int64_t per = 8 / p.bits;
+  const float* scale = static_cast<const float*>(p.scale);
+  for (int64_t n = 0; n < p.N; ++n) {
+    for (int64_t gi = 0; gi < groups_per_row; ++gi) {
+      const int64_t g = n * groups_per_row + gi;
+      const uint8_t byte = p.zero_points[n * p.zp_row_bytes + gi / per];
+      const float zero_point = static_cast<float>((byte >> (p.bits * (gi % per))) & ((1 << p.bits) - 1));
+      zeros[g] = scale[g] == 0.f ? 0.f : zero_point - p.correction[gi * p.N + n] / scale[g];
+    }
+  }
+}
+
 // Runs fn(data, i) for i in [0, total), possibly in parallel (onnxruntime's intra-op pool, or a plain loop).
 struct Runner {
   void* ctx;
