@@ -2,8 +2,10 @@
 
 For one N x K layer (default 4096 x 4096, 4-bit, group 64, axis 1, fp32 compute) at M = 1 and M = 128:
   kernel        the custom-op library (hqexport kernels build)
+  fused kernel  the same layer lowered by --ops auto (one hqexport.HQQMatMulNBits node) on the library
   function      the op's ONNX function body, constant folding off (weights stay packed; the reference path)
-  matmulnbits   the MatMulNBits lowering (hqexport.lower), uint8 zero points + group-sum correction
+  matmulnbits   the MatMulNBits lowering (hqexport.lower, --ops ort), uint8 zero points + group-sum correction:
+                also what the fused node runs as without the library (its function body)
   fp32 MatMul   a plain MatMul with the dequantized fp32 weight (4x-8x the memory)
 Prints a table (best of --repeat runs: the least disturbed by other load) and writes JSON (--out) with the best and
 the median and the load average. Weights are random codes: speed does not depend on the values.
@@ -107,13 +109,16 @@ def main() -> None:
     attach_function(with_function)
     lowering = LowerToMatMulNBits("ort")
     lowered = ir.serde.serialize_model(lowering(ir.serde.deserialize_model(hqq_model(tensors, attrs))).model)
+    fused = ir.serde.serialize_model(LowerToMatMulNBits("auto")(ir.serde.deserialize_model(hqq_model(tensors, attrs))).model)
+    attach_function(fused)
     weight = dequantize_canonical(tensors["W"], tensors["scale"], tensors["zero"], **attrs)
 
     rows = []
     for m in args.rows:
         a = rng.standard_normal((m, k)).astype(np.float32)
         t = args.threads
-        row = {"M": m, "kernel_ms": time_session(model, a, args.repeat, t, library)}
+        row = {"M": m, "kernel_ms": time_session(model, a, args.repeat, t, library),
+               "fused_kernel_ms": time_session(fused, a, args.repeat, t, library)}
         if not args.no_function:
             function_repeat = max(3, args.repeat // 4)
             no_folding = {"disabled_optimizers": ["ConstantFolding"]}
@@ -140,7 +145,7 @@ def main() -> None:
         f"(ms, best of {args.repeat})"
     )
     titles = {
-        "kernel_ms": "kernel", "function_ms": "function", "matmulnbits_ms": "MatMulNBits", "fp32_matmul_ms": "fp32 MatMul"
+        "kernel_ms": "kernel", "fused_kernel_ms": "fused kernel", "function_ms": "function", "matmulnbits_ms": "MatMulNBits", "fp32_matmul_ms": "fp32 MatMul"
     }
     columns = [(key, title) for key, title in titles.items() if key in rows[0]]
     print(f"{'M':>5} " + " ".join(f"{title:>12}" for _, title in columns))
