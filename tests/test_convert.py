@@ -288,6 +288,8 @@ def test_output_folder_contents_and_source_untouched(exported: Exported):
     config = exported.live.config
     assert genai["type"] == config.model_type
     assert genai["decoder"]["num_hidden_layers"] == config.num_hidden_layers
+    # onnxruntime's default thread count (0); onnxruntime-genai's own default ran a third slower (genai_config.py)
+    assert genai["decoder"]["session_options"]["intra_op_num_threads"] == 0
     assert genai["decoder"]["num_key_value_heads"] == config.num_key_value_heads
     written = json.loads((exported.out / "config.json").read_text())  # the architecture, not the quantization
     assert "quantization_config" not in written

@@ -43,6 +43,9 @@ def genai_config(config: transformers.PretrainedConfig, io: DecoderIO, custom_op
             "decoder": {
                 "session_options": {
                     "log_id": "onnxruntime-genai", "provider_options": [],
+                    # 0: onnxruntime's own default (one thread per physical core). Left unset, onnxruntime-genai 0.18
+                    # decoded SmolLM2 at 0.6x of a plain onnxruntime session (18.4-20.3 vs 11.5 ms per token, 2 cores)
+                    "intra_op_num_threads": 0,
                     **({"custom_ops_library": custom_ops_library} if custom_ops_library else {}),
                 },
                 "filename": MODEL_FILE,
