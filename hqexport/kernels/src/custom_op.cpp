@@ -151,6 +151,22 @@ std::string describe_hqq(Ort::KernelContext& ctx, const Attrs& a, Problem& p, st
   return "";
 }
 
+constexpr auto kU8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+
+int64_t zero_point_row_bytes(const Attrs& a) { return (a.K / a.group_size * a.bits + 7) / 8; }
+
+// HQQMatMulNBits' scales, zero points and correction against the attributes; an error message or "".
+std::string check_nbits_meta(Ort::ConstValue scales, Ort::ConstValue zero_points, Ort::ConstValue correction, const Attrs& a) {
+  const int64_t blocks = a.K / a.group_size;
+  for (const std::string& message : {check_input(scales, "scales", kF32, "float", {a.N * blocks}),
+                                     check_input(zero_points, "zero_points", kU8, "uint8", {a.N * zero_point_row_bytes(a)}),
+                                     check_input(correction, "zero_correction", kF32, "float", {blocks, a.N})}) {
+    if (!message.empty()) return message;
+  }
+  return "";
+}
+
 // HQQMatMulNBits (ops/nbits.py): the same checks for (A, B, scales, zero_points, group_sum, zero_correction), fp32.
 std::string describe_nbits(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
   const size_t count = ctx.GetInputCount();
@@ -161,18 +177,10 @@ std::string describe_nbits(Ort::KernelContext& ctx, const Attrs& a, Problem& p, 
   const std::string activations = describe_activations(ctx.GetInput(0), a, p, y_shape);
   if (!activations.empty()) return activations;
   if (p.act != DType::F32) return "A must be float";
-  constexpr auto u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-  constexpr auto f32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   const int64_t blocks = a.K / a.group_size;
-  const int64_t zp_row_bytes = (blocks * a.bits + 7) / 8;
-  const std::pair<const char*, std::string> checks[] = {
-      {"B", check_input(ctx.GetInput(1), "B", u8, "uint8", {a.N, blocks, a.group_size * a.bits / 8})},
-      {"scales", check_input(ctx.GetInput(2), "scales", f32, "float", {a.N * blocks})},
-      {"zero_points", check_input(ctx.GetInput(3), "zero_points", u8, "uint8", {a.N * zp_row_bytes})},
-      {"group_sum", check_input(ctx.GetInput(4), "group_sum", f32, "float", {a.K, blocks})},
-      {"zero_correction", check_input(ctx.GetInput(5), "zero_correction", f32, "float", {blocks, a.N})},
-  };
-  for (const auto& [name, message] : checks) {
+  for (const std::string& message : {check_input(ctx.GetInput(1), "B", kU8, "uint8", {a.N, blocks, a.group_size * a.bits / 8}),
+                                     check_nbits_meta(ctx.GetInput(2), ctx.GetInput(3), ctx.GetInput(5), a),
+                                     check_input(ctx.GetInput(4), "group_sum", kF32, "float", {a.K, blocks})}) {
     if (!message.empty()) return message;
   }
   p.N = a.N;
@@ -187,7 +195,7 @@ std::string describe_nbits(Ort::KernelContext& ctx, const Attrs& a, Problem& p, 
   p.scale = ctx.GetInput(2).GetTensorRawData();
   p.zero_points = static_cast<const uint8_t*>(ctx.GetInput(3).GetTensorRawData());
   p.correction = static_cast<const float*>(ctx.GetInput(5).GetTensorRawData());
-  p.zp_row_bytes = zp_row_bytes;
+  p.zp_row_bytes = zero_point_row_bytes(a);
   return "";
 }
 
@@ -261,25 +269,17 @@ std::vector<float> constant_zeros(const Ort::ConstKernelInfo& info, const Attrs&
   const Ort::ConstValue scales = info.GetTensorConstantInput(2, &constant[0]);
   const Ort::ConstValue zero_points = info.GetTensorConstantInput(3, &constant[1]);
   const Ort::ConstValue correction = info.GetTensorConstantInput(5, &constant[2]);
-  if (!constant[0] || !constant[1] || !constant[2]) return {};
-  const int64_t blocks = a.K / a.group_size;
+  if (!constant[0] || !constant[1] || !constant[2] || !check_nbits_meta(scales, zero_points, correction, a).empty()) return {};
   Problem p;
   p.N = a.N;
   p.K = a.K;
   p.group_size = a.group_size;
   p.bits = static_cast<int>(a.bits);
-  p.zp_row_bytes = (blocks * a.bits + 7) / 8;
-  constexpr auto u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-  constexpr auto f32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  if (!check_input(scales, "scales", f32, "float", {a.N * blocks}).empty() ||
-      !check_input(zero_points, "zero_points", u8, "uint8", {a.N * p.zp_row_bytes}).empty() ||
-      !check_input(correction, "zero_correction", f32, "float", {blocks, a.N}).empty()) {
-    return {};
-  }
+  p.zp_row_bytes = zero_point_row_bytes(a);
   p.scale = scales.GetTensorRawData();
   p.zero_points = static_cast<const uint8_t*>(zero_points.GetTensorRawData());
   p.correction = static_cast<const float*>(correction.GetTensorRawData());
-  std::vector<float> zeros(static_cast<size_t>(a.N * blocks));
+  std::vector<float> zeros(static_cast<size_t>(a.N * (a.K / a.group_size)));
   nbits_zeros(p, zeros.data());
   return zeros;
 }
