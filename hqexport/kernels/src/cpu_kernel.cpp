@@ -328,7 +328,12 @@ inline void fast_rows(const FastJob& job, int64_t n0) {
   const float* scale = static_cast<const float*>(p.scale);
   const float* zero = static_cast<const float*>(p.zero);
   const Word* rows[R];
-  for (int r = 0; r < R; ++r) rows[r] = static_cast<const Word*>(p.W) + (n0 + r) * p.row_words;
+  const Word* ahead[R];  // the next pass's rows, prefetched block by block: rows are short (K * bits / 8 bytes), too
+                         // short for the hardware prefetcher to run ahead of a model's weights streaming from memory
+  for (int r = 0; r < R; ++r) {
+    rows[r] = static_cast<const Word*>(p.W) + (n0 + r) * p.row_words;
+    ahead[r] = n0 + R + r < p.N ? rows[r] + R * p.row_words : rows[r];
+  }
   for (int64_t m = 0; m < p.M; ++m) {
     const float* ab = job.Ablocks + m * p.K;
     const float* asum = job.Asums + m * groups_per_row;
@@ -339,7 +344,10 @@ inline void fast_rows(const FastJob& job, int64_t n0) {
       v8f acc[R] = {};
       for (int64_t b = 0; b < blocks_per_group; ++b, ++block) {
         v8i words[R];
-        for (int r = 0; r < R; ++r) words[r] = load_words(rows[r] + block * 8);
+        for (int r = 0; r < R; ++r) {
+          words[r] = load_words(rows[r] + block * 8);
+          __builtin_prefetch(ahead[r] + block * 8);
+        }
         const float* a = ab + block * kBlock;
         for (int j = 0; j < PER; ++j) {
           const v8f av = load8(a + j * 8);
