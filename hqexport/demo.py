@@ -1,8 +1,8 @@
 """`hqexport demo`: the whole path on the bundled sample, in under a minute, with nothing downloaded.
 
 Builds a tiny random Llama quantized by hqq (4-bit, group 32), saves it as an hqq folder, converts it, and
-generates greedily with onnxruntime (stock CPU, no extra library) next to the PyTorch model with hqq's own
-HQQLinear layers. The sample's weights are random, so the text is gibberish; the point is that both sides
+generates greedily with onnxruntime (CPU; hqexport's kernels library where it is built) next to the PyTorch
+model with hqq's own HQQLinear layers. The sample's weights are random, so the text is gibberish; the point is that both sides
 produce the same tokens.
 """
 
@@ -41,10 +41,12 @@ def torch_greedy(model: torch.nn.Module, prompt: list[int], tokens: int) -> tupl
     return generated, np.stack(logits)
 
 
-def onnx_greedy(folder: Path, prompt: list[int], tokens: int) -> tuple[list[int], np.ndarray]:
-    """Greedy tokens of the exported model in onnxruntime through its KV cache, and the logits of every step."""
+def onnx_greedy(folder: Path, prompt: list[int], tokens: int) -> tuple[list[int], np.ndarray, str]:
+    """Greedy tokens of the exported model in onnxruntime through its KV cache, the logits of every step, and
+    which onnxruntime ran them."""
     manifest = json.loads((folder / MANIFEST_FILE).read_text())["model"]
     decoder = OnnxDecoder(folder, "cpu")
+    runtime = "onnxruntime (CPU, hqexport kernels)" if decoder.kernels else "onnxruntime (CPU, stock)"
     past = decoder.empty_cache(1, manifest["num_key_value_heads"], manifest["head_dim"])
     ids, generated, logits = np.array([prompt]), [], []
     for _ in range(tokens):
@@ -53,7 +55,7 @@ def onnx_greedy(folder: Path, prompt: list[int], tokens: int) -> tuple[list[int]
         logits.append(step.logits[0, -1])
         generated.append(int(step.logits[0, -1].argmax()))
         ids = np.array([[generated[-1]]])
-    return generated, np.stack(logits)
+    return generated, np.stack(logits), runtime
 
 
 def run_demo(tokens: int = 16, console: Console | None = None) -> bool:
@@ -75,18 +77,18 @@ def run_demo(tokens: int = 16, console: Console | None = None) -> bool:
         prompt = tokenizer.encode(PROMPT)
         with console.status("Generating with PyTorch (hqq) and onnxruntime"):
             torch_tokens, torch_logits = torch_greedy(model, prompt, tokens)
-            onnx_tokens, onnx_logits = onnx_greedy(summary.out, prompt, tokens)
-    return show_comparison(console, tokenizer, (torch_tokens, torch_logits), (onnx_tokens, onnx_logits))
+            onnx_side = onnx_greedy(summary.out, prompt, tokens)
+    return show_comparison(console, tokenizer, (torch_tokens, torch_logits), onnx_side)
 
 
 def show_comparison(
     console: Console,
     tokenizer: Any,
     torch_side: tuple[list[int], np.ndarray],
-    onnx_side: tuple[list[int], np.ndarray],
+    onnx_side: tuple[list[int], np.ndarray, str],
 ) -> bool:
     """Print both generations side by side; True when the tokens are identical."""
-    (torch_tokens, torch_logits), (onnx_tokens, onnx_logits) = torch_side, onnx_side
+    (torch_tokens, torch_logits), (onnx_tokens, onnx_logits, runtime) = torch_side, onnx_side
     match = torch_tokens == onnx_tokens
     delta = float(np.abs(torch_logits - onnx_logits).max())
     table = Table(title=f"Greedy generation, {len(torch_tokens)} tokens after {PROMPT!r}")
@@ -94,7 +96,7 @@ def show_comparison(
     table.add_column("token ids")
     table.add_column("text")
     table.add_row("PyTorch + hqq HQQLinear", " ".join(map(str, torch_tokens)), repr(tokenizer.decode(torch_tokens)))
-    table.add_row("onnxruntime (CPU, stock)", " ".join(map(str, onnx_tokens)), repr(tokenizer.decode(onnx_tokens)))
+    table.add_row(runtime, " ".join(map(str, onnx_tokens)), repr(tokenizer.decode(onnx_tokens)))
     console.print(table)
     console.print(f"max |Δ logit| = {delta:.2e} (max |logit| {float(np.abs(torch_logits).max()):.2f})")
     if match:

@@ -24,6 +24,6 @@ def test_demo_reports_a_mismatch():
     """Different tokens must be reported and make the demo fail (the comparison is not a formality)."""
     out = io.StringIO()
     logits = np.zeros((2, 8), np.float32)
-    matched = show_comparison(Console(file=out, width=120), build_tokenizer(), ([1, 2], logits), ([1, 3], logits))
+    matched = show_comparison(Console(file=out, width=120), build_tokenizer(), ([1, 2], logits), ([1, 3], logits, "onnxruntime"))
     assert matched is False
     assert "MISMATCH" in out.getvalue()
