@@ -16,8 +16,8 @@ In a work folder it builds, each in its own process (wall time, peak RSS):
 
 Each ONNX variant then runs in a fresh process (batch 1, greedy, default threads) through plain onnxruntime (with
 the kernel library registered where the folder ships one, as samples/python_generate does) and through
-onnxruntime-genai (which registers it from genai_config.json): prefill of `--prefill` tokens (onnxruntime only); a `--prompt`-token prompt, then
-`--decode` cached steps, each timed (tok/s = 1 / median step). Every variant runs `--rounds` times, the rounds
+onnxruntime-genai (which registers it from genai_config.json): prefill of `--prefill` tokens (onnxruntime only);
+a `--prompt`-token prompt, then `--decode` cached steps, each timed (tok/s = 1 / median step). Every variant runs `--rounds` times, the rounds
 interleaved (all variants once, then all again), and the table shows each timing's median over the rounds, so a
 slow spell of the shared machine lands on every variant rather than on one. PyTorch with hqq's HQQLinear layers
 (`pytorch-hqq`) gives the reference tokens: "same tokens" counts equal greedy tokens, position by position.

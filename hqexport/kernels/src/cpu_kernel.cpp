@@ -441,10 +441,6 @@ bool fast_gemv(const Problem& p, const Runner& runner) {
   return true;
 }
 
-}  // namespace
-
-namespace {
-
 // HQQMatMulNBits whose zeros were not computed when the kernel was created (inputs that are not initializers):
 // compute them for this call, then run it as HQQMatMul.
 bool with_zeros(const Problem& p, const Runner& runner) {
