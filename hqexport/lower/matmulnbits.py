@@ -155,15 +155,14 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         shape = dict(K=K, N=N, bits=container, block_size=group_size)
         needs_correction = split.needs_correction()
         fused = needs_correction and self.mode == "auto" and self.accuracy_level == 0 and act_np == np.float32
-        if not needs_correction:  # integer zero points: MatMulNBits alone is exact
-            y = add("MatMulNBits", quantized, domain=MS_DOMAIN, accuracy_level=self.accuracy_level, **shape)
-        else:
+        if needs_correction:  # integer zero points need none: MatMulNBits alone is exact
             correction = initializer("zero_correction", lambda: split.correction().T.astype(act_np), act_np, (blocks, N))
             indicator = self._indicator(graph, K, group_size, act_np)
-            if fused:  # one node: a compiled kernel where the library is registered, else its body (ops/nbits.py)
-                y = add(NBITS_OP_TYPE, [*quantized, indicator, correction], domain=DOMAIN, **shape)
-            else:
-                y = add("MatMulNBits", quantized, domain=MS_DOMAIN, accuracy_level=self.accuracy_level, **shape)
+        if fused:  # one node: a compiled kernel where the library is registered, else its body (ops/nbits.py)
+            y = add(NBITS_OP_TYPE, [*quantized, indicator, correction], domain=DOMAIN, **shape)
+        else:
+            y = add("MatMulNBits", quantized, domain=MS_DOMAIN, accuracy_level=self.accuracy_level, **shape)
+            if needs_correction:
                 group_sums = self._group_sums.get((a, group_size))
                 if group_sums is None:  # layers reading the same input share their group sums
                     group_sums = self._group_sums[(a, group_size)] = add("MatMul", [a, indicator])
