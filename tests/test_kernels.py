@@ -189,6 +189,21 @@ def test_factorized_gemv_matches_hqq(library: Path, nbits: float, group_size: in
         assert excess.max() <= 1.0, f"M={m}: error {excess.max():.2f} x the bound"
 
 
+def test_gemm_over_k_chunks_and_partial_panels(library: Path) -> None:
+    """The M >= 4 GEMM splits K = 2600 into three chunks whose tiles add up in Y, packs A into panels of 8 rows
+    (M <= 8) or 16 (M > 8, here with a partial last panel), and leaves a 2-row tile at N = 104."""
+    torch.manual_seed(11)
+    linear = torch.nn.Linear(2600, 104, bias=True)
+    layer = HQQLinear(linear, BaseQuantizeConfig(nbits=4, group_size=40, axis=1), compute_dtype=torch.float32, device="cpu")
+    tensors, attrs = op_tensors(layer)
+    bias = layer.bias.detach().numpy()
+    sess = session(single_node_model(tensors, attrs, np.dtype(np.float32), bias), library)
+    rng = np.random.default_rng(5)
+    for m in (5, 29):
+        a = rng.standard_normal((m, attrs["K"])).astype(np.float32)
+        assert_close(sess.run(None, {"A": a})[0], a, reference_weight(layer).numpy(), bias)
+
+
 def test_leading_dims_and_absent_bias(library: Path) -> None:
     layer = hqq_layer(4, 1, "fp32", "48x52")
     tensors, attrs = op_tensors(layer)

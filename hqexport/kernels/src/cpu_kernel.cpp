@@ -24,13 +24,11 @@ namespace HQX_ISA {
 namespace {
 
 typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint8_t v8b __attribute__((vector_size(8)));
 
 constexpr int64_t kGemvChunk = 1280;  // K-chunk of the M < 4 path; a multiple of 40 (8 and 10 codes per word)
 constexpr int64_t kGemvRows = 8;      // output rows per task of the M < 4 path
-constexpr int64_t kGemmChunk = 640;   // K-chunk of the M >= 4 path (multiple of 40)
-constexpr int kNR = 16;               // output rows per task of the M >= 4 path
-constexpr int kMR = 3;                // rows of A per dot block
-constexpr int kDotRows = 4;           // rows of W per dot block (kNR is a multiple)
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -93,13 +91,59 @@ inline float dequant(float code, float zero, float scale) {
   return w;
 }
 
+// 8 words of W, one per lane (uint8 zero-extended).
+template <typename Word>
+inline v8i load_words(const Word* w) {
+  if constexpr (sizeof(Word) == 1) {
+#ifdef __AVX2__
+    return reinterpret_cast<v8i>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+#endif
+    v8b b;
+    std::memcpy(&b, w, sizeof(b));
+    return __builtin_convertvector(b, v8i);
+  } else {
+    v8i v;
+    std::memcpy(&v, w, sizeof(v));
+    return v;
+  }
+}
+
+// The 8 * PER codes of 8 uint8 words as floats, in order (code j of word i is element PER * i + j). For 2 and 4
+// codes per byte; one code per byte GCC vectorizes by itself, and 1-bit words are rare enough to stay scalar.
+template <int BITS, int PER>
+inline void unpack8(const uint8_t* words, float* out) {
+  constexpr int mask = (1 << BITS) - 1;
+  const v8i v = load_words(words);
+  if constexpr (PER == 2) {
+    const v8f c0 = __builtin_convertvector(v & mask, v8f), c1 = __builtin_convertvector(v >> BITS, v8f);
+    store8(out, __builtin_shufflevector(c0, c1, 0, 8, 1, 9, 2, 10, 3, 11));
+    store8(out + 8, __builtin_shufflevector(c0, c1, 4, 12, 5, 13, 6, 14, 7, 15));
+  } else {
+    static_assert(PER == 4, "8 / BITS codes per byte");
+    v8f c[4];
+    for (int j = 0; j < 4; ++j) c[j] = __builtin_convertvector((v >> (BITS * j)) & mask, v8f);
+    const v8f lo01 = __builtin_shufflevector(c[0], c[1], 0, 8, 1, 9, 2, 10, 3, 11);
+    const v8f hi01 = __builtin_shufflevector(c[0], c[1], 4, 12, 5, 13, 6, 14, 7, 15);
+    const v8f lo23 = __builtin_shufflevector(c[2], c[3], 0, 8, 1, 9, 2, 10, 3, 11);
+    const v8f hi23 = __builtin_shufflevector(c[2], c[3], 4, 12, 5, 13, 6, 14, 7, 15);
+    store8(out, __builtin_shufflevector(lo01, lo23, 0, 1, 8, 9, 2, 3, 10, 11));
+    store8(out + 8, __builtin_shufflevector(lo01, lo23, 4, 5, 12, 13, 6, 7, 14, 15));
+    store8(out + 16, __builtin_shufflevector(hi01, hi23, 0, 1, 8, 9, 2, 3, 10, 11));
+    store8(out + 24, __builtin_shufflevector(hi01, hi23, 4, 5, 12, 13, 6, 7, 14, 15));
+  }
+}
+
 // Codes k0 .. k0+len of row n as floats; k0 is a multiple of the codes per word.
 template <typename Word, int BITS, int PER>
 inline void unpack(const Problem& p, int64_t n, int64_t k0, int64_t len, float* out) {
   constexpr Word mask = static_cast<Word>((1u << BITS) - 1);
   const Word* row = static_cast<const Word*>(p.W) + n * p.row_words + k0 / PER;
   const int64_t full = len / PER;
-  for (int64_t w = 0; w < full; ++w) {
+  int64_t w = 0;
+  if constexpr (sizeof(Word) == 1 && (PER == 2 || PER == 4)) {
+    for (; w + 8 <= full; w += 8) unpack8<BITS, PER>(row + w, out + w * PER);
+  }
+  for (; w < full; ++w) {
     const Word v = row[w];
     for (int j = 0; j < PER; ++j) out[w * PER + j] = static_cast<float>((v >> (BITS * j)) & mask);
   }
@@ -221,65 +265,110 @@ void gemv_task(void* data, size_t task) {
   }
 }
 
-// C[m, j] += A[m, :len] . rows[j][:len] for MR rows of A and 4 dequantized rows of W: 4 * MR vector
-// accumulators, so each load of A or W serves several FMAs and no transposition of W is needed.
-template <int MR>
-void dot_block(const float* a, int64_t lda, const float (*rows)[kGemmChunk], int64_t len, float* c) {
-  v8f acc[MR][kDotRows] = {};
-  int64_t k = 0;
-  for (; k + 8 <= len; k += 8) {
-    v8f av[MR];
-    for (int r = 0; r < MR; ++r) av[r] = load8(a + r * lda + k);
-    for (int j = 0; j < kDotRows; ++j) {
-      const v8f wv = load8(rows[j] + k);
-      for (int r = 0; r < MR; ++r) acc[r][j] += av[r] * wv;
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    for (int j = 0; j < kDotRows; ++j) {
-      float total = hsum(acc[r][j]);
-      for (int64_t t = k; t < len; ++t) total += a[r * lda + t] * rows[j][t];
-      c[r * kNR + j] += total;
-    }
+// ---- GEMM (M >= 4): A packed in panels, W dequantized six rows at a time ----
+//
+// A is packed once per call into panels of P rows (16, or 8 when M <= 8), k-major: Ap[panel][k][r] =
+// A[P * panel + r][k]. A task owns 6 rows of W: per K-chunk it dequantizes them into an L1 buffer and, for every
+// panel, computes the 6 x P tile: per k, P / 8 loads of the panel, six broadcasts of W and 6 * P / 8 FMAs into as
+// many vector accumulators (the register shape of BLAS GEMMs, with W in the broadcast role so that it needs no
+// transposition). The panels stream from L2 past the task's rows of W.
+
+constexpr int kTileW = 6;              // rows of W per task (broadcast operands)
+constexpr int64_t kPanelChunk = 1280;  // longest K-chunk (multiple of 40): W buffer 30 KiB
+
+template <int P>
+struct PackJob {
+  const float* A;
+  int64_t M, K;
+  float* Ap;
+};
+
+template <int P>
+void pack_task(void* data, size_t panel) {
+  const PackJob<P>& job = *static_cast<const PackJob<P>*>(data);
+  float* out = job.Ap + static_cast<int64_t>(panel) * job.K * P;
+  const int64_t m0 = static_cast<int64_t>(panel) * P;
+  const int rows = static_cast<int>(min64(P, job.M - m0));
+  for (int64_t k = 0; k < job.K; ++k) {
+    float* o = out + k * P;
+    for (int r = 0; r < rows; ++r) o[r] = job.A[(m0 + r) * job.K + k];
+    for (int r = rows; r < P; ++r) o[r] = 0.f;
   }
 }
 
-void dot_block_rows(int rows, const float* a, int64_t lda, const float (*w)[kGemmChunk], int64_t len, float* c) {
-  switch (rows) {
-    case 1:
-      return dot_block<1>(a, lda, w, len, c);
-    case 2:
-      return dot_block<2>(a, lda, w, len, c);
-    default:
-      return dot_block<3>(a, lda, w, len, c);
+// out[i][r] = sum over the chunk of W[i][k] * Ap[k][r], for NR rows of W and the panel's P rows of A.
+template <int NR, int P>
+void micro_tile(const float* ap, const float (*w)[kPanelChunk], int64_t len, float (*out)[16]) {
+  constexpr int V = P / 8;
+  v8f acc[NR][V] = {};
+  for (int64_t k = 0; k < len; ++k) {
+    v8f a[V];
+    for (int v = 0; v < V; ++v) a[v] = load8(ap + k * P + 8 * v);
+    for (int i = 0; i < NR; ++i) {
+      const float b = w[i][k];
+      for (int v = 0; v < V; ++v) acc[i][v] += a[v] * b;
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    for (int v = 0; v < V; ++v) store8(out[i] + 8 * v, acc[i][v]);
   }
 }
 
-// M >= 4: a task owns 16 output rows; per K-chunk it dequantizes them (rows past N are zero) and accumulates
-// their dot products with every row of A, kMR rows of A and kDotRows rows of W at a time.
-void gemm_task(void* data, size_t task) {
-  const Job& job = *static_cast<const Job*>(data);
+using TileFn = void (*)(const float*, const float (*)[kPanelChunk], int64_t, float (*)[16]);
+
+template <int P>
+constexpr TileFn kTiles[kTileW + 1] = {nullptr, &micro_tile<1, P>, &micro_tile<2, P>, &micro_tile<3, P>,
+                                       &micro_tile<4, P>, &micro_tile<5, P>, &micro_tile<6, P>};
+
+struct PanelJob {
+  const Problem* p;
+  SegmentFn segment;
+  const float* Ap;  // [panels, K, P]
+  float* Y;         // [M, N] float, without bias
+};
+
+template <int P>
+void panel_task(void* data, size_t task) {
+  const PanelJob& job = *static_cast<const PanelJob*>(data);
   const Problem& p = *job.p;
-  alignas(32) float rows[kNR][kGemmChunk];
-  const int64_t n0 = static_cast<int64_t>(task) * kNR;
-  const int nr = static_cast<int>(min64(kNR, p.N - n0));
-  float* c = static_cast<float*>(std::calloc(static_cast<size_t>(p.M) * kNR, sizeof(float)));
-  if (c == nullptr) std::abort();
-  std::memset(rows, 0, sizeof(rows));
-  for (int64_t k0 = 0; k0 < p.K; k0 += kGemmChunk) {
-    const int64_t len = min64(kGemmChunk, p.K - k0);
-    for (int j = 0; j < nr; ++j) job.segment(p, n0 + j, k0, len, rows[j]);
-    for (int j0 = 0; j0 < nr; j0 += kDotRows) {  // these 4 rows of W stay in L1 while A streams past them
-      for (int64_t m0 = 0; m0 < p.M; m0 += kMR) {
-        const int mr = static_cast<int>(min64(kMR, p.M - m0));
-        dot_block_rows(mr, job.A + m0 * p.K + k0, p.K, rows + j0, len, c + m0 * kNR + j0);
+  alignas(32) float w[kTileW][kPanelChunk];
+  alignas(32) float tile[kTileW][16];
+  const int64_t n0 = static_cast<int64_t>(task) * kTileW;
+  const int nr = static_cast<int>(min64(kTileW, p.N - n0));
+  const int64_t panels = (p.M + P - 1) / P;
+  // K in equal chunks (multiples of 40), one when K <= kPanelChunk: each chunk adds its tile to Y
+  const int64_t chunks = (p.K + kPanelChunk - 1) / kPanelChunk;
+  const int64_t step = ((p.K + chunks - 1) / chunks + 39) / 40 * 40;
+  for (int64_t k0 = 0; k0 < p.K; k0 += step) {
+    const int64_t len = min64(step, p.K - k0);
+    for (int j = 0; j < nr; ++j) job.segment(p, n0 + j, k0, len, w[j]);
+    for (int64_t b = 0; b < panels; ++b) {
+      kTiles<P>[nr](job.Ap + (b * p.K + k0) * P, w, len, tile);
+      const int64_t m0 = b * P;
+      const int rows = static_cast<int>(min64(P, p.M - m0));
+      for (int r = 0; r < rows; ++r) {
+        float* y = job.Y + (m0 + r) * p.N + n0;
+        for (int i = 0; i < nr; ++i) y[i] = k0 == 0 ? tile[i][r] : y[i] + tile[i][r];
       }
     }
   }
-  for (int64_t m = 0; m < p.M; ++m) {
-    for (int j = 0; j < nr; ++j) job.Y[m * p.N + n0 + j] = c[m * kNR + j];
-  }
-  std::free(c);
+}
+
+template <int P>
+bool gemm_panels(const Problem& p, SegmentFn segment, const float* A, float* Y, const Runner& runner) {
+  const int64_t panels = (p.M + P - 1) / P;
+  float* ap = static_cast<float*>(std::aligned_alloc(32, static_cast<size_t>(panels * p.K * P) * sizeof(float)));
+  if (ap == nullptr) return false;
+  PackJob<P> pack{A, p.M, p.K, ap};
+  runner.parallel_for(runner.ctx, &pack_task<P>, static_cast<size_t>(panels), &pack);
+  PanelJob job{&p, segment, ap, Y};
+  runner.parallel_for(runner.ctx, &panel_task<P>, static_cast<size_t>((p.N + kTileW - 1) / kTileW), &job);
+  std::free(ap);
+  return true;
+}
+
+bool gemm(const Problem& p, SegmentFn segment, const float* A, float* Y, const Runner& runner) {
+  return p.M <= 8 ? gemm_panels<8>(p, segment, A, Y, runner) : gemm_panels<16>(p, segment, A, Y, runner);
 }
 
 // ---- Factorized GEMV (M < 4, fp32 compute and activations, axis 1, groups of whole blocks within rows) ----
@@ -291,26 +380,7 @@ void gemm_task(void* data, size_t task) {
 // A block is 8 words of W (uint8, or uint32 for bits 3) = 8 * PER codes; lane i of a v8i holds word i, and its
 // j-th code (k = 8 * PER * block + PER * i + j) meets A permuted into the same order (Ablocks[block][j][i]).
 
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint8_t v8b __attribute__((vector_size(8)));
-
 constexpr int kFastRows = 4;  // output rows per pass: each load of A serves 4 rows
-
-template <typename Word>
-inline v8i load_words(const Word* w) {
-  if constexpr (sizeof(Word) == 1) {
-#ifdef __AVX2__
-    return reinterpret_cast<v8i>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
-#endif
-    v8b b;
-    std::memcpy(&b, w, sizeof(b));
-    return __builtin_convertvector(b, v8i);
-  } else {
-    v8i v;
-    std::memcpy(&v, w, sizeof(v));
-    return v;
-  }
-}
 
 struct FastJob {
   const Problem* p;
@@ -479,10 +549,11 @@ bool matmul(const Problem& p, const Runner& runner) {
   }
   Job job{&p, pick_segment(p), half ? a_float : static_cast<const float*>(p.A),
           half ? y_float : static_cast<float*>(p.Y)};
+  bool ok = true;
   if (p.M < 4) {
     runner.parallel_for(runner.ctx, &gemv_task, static_cast<size_t>((p.N + kGemvRows - 1) / kGemvRows), &job);
   } else {
-    runner.parallel_for(runner.ctx, &gemm_task, static_cast<size_t>((p.N + kNR - 1) / kNR), &job);
+    ok = gemm(p, job.segment, job.A, job.Y, runner);
   }
   // Bias and the cast to A's dtype, as the reference: float accumulation, one rounding at the end.
   for (int64_t m = 0; m < p.M; ++m) {
@@ -497,7 +568,7 @@ bool matmul(const Problem& p, const Runner& runner) {
   }
   std::free(a_float);
   std::free(y_float);
-  return true;
+  return ok;
 }
 
 void dequantize(const Problem& p, float* out) {
