@@ -411,7 +411,7 @@ inline void fast_rows(const FastJob& job, int64_t n0) {
     float offset[R] = {};
     int64_t block = 0;
     for (int64_t gi = 0; gi < groups_per_row; ++gi) {
-      v8f acc[R] = {};
+      v8f acc[R][2] = {};  // two chains per row (even and odd codes of a word): FMA latency, not throughput, bounds one
       for (int64_t b = 0; b < blocks_per_group; ++b, ++block) {
         v8i words[R];
         for (int r = 0; r < R; ++r) {
@@ -423,13 +423,13 @@ inline void fast_rows(const FastJob& job, int64_t n0) {
           const v8f av = load8(a + j * 8);
           for (int r = 0; r < R; ++r) {
             const v8i code = (words[r] >> (BITS * j)) & ((1 << BITS) - 1);
-            acc[r] += __builtin_convertvector(code, v8f) * av;
+            acc[r][j & 1] += __builtin_convertvector(code, v8f) * av;
           }
         }
       }
       for (int r = 0; r < R; ++r) {
         const int64_t g = (n0 + r) * groups_per_row + gi;
-        total[r] += scale[g] * acc[r];
+        total[r] += scale[g] * (acc[r][0] + acc[r][1]);
         offset[r] += scale[g] * zero[g] * asum[gi];
       }
     }
