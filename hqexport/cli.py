@@ -115,9 +115,10 @@ def inspect(path: Path, as_json: bool) -> None:
     type=click.Choice(["fp32", "int8", "int4"]),
     default="fp32",
     show_default=True,
-    help="fp32: the fp lm_head stays a fp32 MatMul, exact. int8 / int4: requantize it with hqq, group 32 "
-    "(lossy; faster decode: the head is most of what a small model's decode step reads; int8 is fast on "
-    "CPU only with --accuracy-level 4). validate measures the loss.",
+    help="fp32: the fp lm_head keeps its exact values: a fp32 MatMul, or, when the table is exactly int8 codes "
+    "x one scale per 32 inputs (GGUF Q8_0 sources) and the folder ships the kernels, that int8 grid. int8 / int4: "
+    "requantize it with hqq, group 32 (lossy; faster decode: the head is most of what a small model's decode step "
+    "reads; int8 is fast on CPU only with --accuracy-level 4). validate measures the loss.",
 )
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="dtype of activations and fp weights.")
 @click.option("--opset", type=int, help="ONNX opset (default 20; 18-23).")
@@ -145,9 +146,10 @@ def convert(
         op_counts = ", ".join(f"{count} {op}" for op, count in summary.ops.items())
         adapters_note = f", adapters: {', '.join(summary.adapters)}" if summary.adapters else ""
         kernels_note = f", kernels: {summary.kernels} (this platform only; --no-kernels for others)" if summary.kernels else ""
+        head_note = f", lm_head {summary.lm_head}" if summary.lm_head != "fp32" else ""
         click.echo(
             f"Wrote {summary.out}: {summary.architecture}, {summary.quantized_layers} quantized layers ({op_counts})"
-            f"{adapters_note}{kernels_note}, {summary.onnx_bytes / 1e6:.2f} MB in {summary.seconds:.1f} s"
+            f"{head_note}{adapters_note}{kernels_note}, {summary.onnx_bytes / 1e6:.2f} MB in {summary.seconds:.1f} s"
         )
 
 

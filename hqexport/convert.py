@@ -29,7 +29,16 @@ from hqexport.export.decoder import decoder_io
 from hqexport.export.graph import DecoderGraph, LayerNode, build_decoder
 from hqexport.files import DATA_FILE, GENAI_CONFIG_FILE, MANIFEST_FILE, MODEL_FILE
 from hqexport.formats import canonical_shape, storage_bits
-from hqexport.lower import HEAD_PATH, LowerToMatMulNBits, head_choice, matmulnbits_blocker, quantize_head, share_embedding
+from hqexport.lower import (
+    HEAD_PATH,
+    LowerToMatMulNBits,
+    exact_int8_choice,
+    exact_int8_head,
+    head_choice,
+    matmulnbits_blocker,
+    quantize_head,
+    share_embedding,
+)
 from hqexport.model import QuantizedModel
 from hqexport.ops.schema import DOMAIN, OP_TYPE
 from hqexport.read.folder import sha256
@@ -132,10 +141,16 @@ def convert(
         config = model_config(qmodel)
         check_weights(qmodel, config)
         io = decoder_io(config, DTYPES[dtype])
+        library, kernels_error = _find_kernels(steps, with_kernels, ops)
         head = None
         if choice.lossy:
             with steps(f"Quantizing the lm_head with hqq (--lm-head {lm_head}, lossy)"):
                 head = quantize_head(qmodel, config.tie_word_embeddings, choice)
+        elif choice.format == "fp32" and ops == "auto" and accuracy_level == 0 and dtype == "fp32" and library is not None:
+            with steps("Checking whether the fp lm_head is an exact int8 grid"):
+                head = exact_int8_head(qmodel, config.tie_word_embeddings)
+            if head is not None:
+                choice = exact_int8_choice()
         with steps(f"Building the decoder graph (opset {opset})"):
             targets = {module for spec in specs for module in spec.modules} if mode != "merge" else set()
             graph = build_decoder(qmodel, config, io, opset=opset, own_outputs=targets, head=head)
@@ -150,8 +165,10 @@ def convert(
                 adapter_export = apply_adapters(graph.model, {"model": {"dtype": dtype}, "layers": layers_view}, specs, mode, qmodel.linears)
                 adapter_manifest = adapter_export.manifest
         if ops != "hqq":
+            # the exact int8 head: one fused node that the library runs from its codes (ops/nbits.py)
+            fuse = {graph.layers[HEAD_PATH].node} if choice.format == "int8-exact" else set()
             with steps(f"Lowering to MatMulNBits where exact (--ops {ops})"):
-                _lower(graph, layer_ops, ops, accuracy_level)
+                _lower(graph, layer_ops, ops, accuracy_level, fuse)
         if head is not None:  # not a layer of the source: the manifest describes it under model.lm_head
             head_op = layer_ops.pop(HEAD_PATH)
             shared = config.tie_word_embeddings and head_op["op"] != HQQ_OP  # lowered: MatMulNBits tables
@@ -166,8 +183,8 @@ def convert(
             shutil.copy2(path, staging / path.name)
         config.save_pretrained(staging)  # config.json: what transformers-based runtimes (optimum) read
         uses_hqexport_ops = any(node.domain == DOMAIN for node in graph.model.graph)
-        library = _ship_kernels(staging, steps, with_kernels, needed=uses_hqexport_ops)
-        (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(config, io, custom_ops_library=library), indent=2))
+        shipped = _ship_kernels(staging, steps, library, kernels_error, ship=bool(with_kernels) or uses_hqexport_ops)
+        (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(config, io, custom_ops_library=shipped), indent=2))
         outputs = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         architecture = config.architectures[0] if config.architectures else qmodel.architecture
         manifest = build_manifest(
@@ -186,7 +203,7 @@ def convert(
         dtype=dtype,
         opset=opset,
         ops=_count_ops(layer_ops),
-        kernels=library,
+        kernels=shipped,
         lm_head=manifest["model"]["lm_head"]["format"],
         adapters=adapter_manifest,
         onnx_bytes=onnx_bytes,
@@ -224,22 +241,31 @@ def _merge(qmodel: QuantizedModel, specs: list[AdapterSpec], steps: _Steps) -> t
     return merged, {spec.name: entry}
 
 
-def _ship_kernels(staging: Path, steps: _Steps, with_kernels: bool | None, *, needed: bool) -> str | None:
-    """Copy the compiled kernel library into the folder (onnxruntime-genai loads custom ops only from there) and
-    return its file name: always with --with-kernels, never with --no-kernels, and by default where the graph has
-    hqexport ops and the library can be built here (else the folder goes without it, and says so)."""
+def _find_kernels(steps: _Steps, with_kernels: bool | None, ops: str) -> tuple[Path | None, str | None]:
+    """The compiled kernel library the folder will ship (None with --no-kernels or --ops ort), and why it is missing
+    if it cannot be built here (an error instead with --with-kernels)."""
     from hqexport.kernels import KernelBuildError, library_path
 
-    if with_kernels is False or (with_kernels is None and not needed):
-        return None
+    if with_kernels is False or ops == "ort":
+        return None, None
     with steps("Building / finding the compiled kernel library"):
         try:
-            library = library_path(build=True)
+            return library_path(build=True), None
         except KernelBuildError as error:
             if with_kernels:
                 raise
+            return None, str(error)
+
+
+def _ship_kernels(staging: Path, steps: _Steps, library: Path | None, error: str | None, *, ship: bool) -> str | None:
+    """Copy the library into the folder (onnxruntime-genai loads custom ops only from there) where `ship` (the graph
+    has hqexport ops, or --with-kernels) and return its file name; say so when it is needed but missing."""
+    if not ship:
+        return None
+    if library is None:
+        if error is not None:
             steps.note(f"No compiled kernels in the folder ({error}); its hqexport ops run as their ONNX function bodies.")
-            return None
+        return None
     shutil.copy2(library, staging / library.name)
     return library.name
 
@@ -261,9 +287,10 @@ def _layer_entry(node: LayerNode) -> dict[str, Any]:
     return entry
 
 
-def _lower(graph: DecoderGraph, layer_ops: dict[str, dict[str, Any]], ops: str, accuracy_level: int) -> None:
-    """Run the MatMulNBits lowering and record, per layer, which op now computes it."""
-    lowering = LowerToMatMulNBits(ops, accuracy_level)
+def _lower(graph: DecoderGraph, layer_ops: dict[str, dict[str, Any]], ops: str, accuracy_level: int, fuse: set[str]) -> None:
+    """Run the MatMulNBits lowering (`fuse`: nodes fused even with integer zero points) and record, per layer,
+    which op now computes it."""
+    lowering = LowerToMatMulNBits(ops, accuracy_level, fuse)
     lowering(graph.model)
     for entry in layer_ops.values():
         decision = lowering.decisions[entry["node"]]

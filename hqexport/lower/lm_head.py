@@ -8,6 +8,13 @@ The manifest records the choice under model.lm_head and model.lossy, and validat
 A tied embedding then reads the same quantized table (`share_embedding`: com.microsoft.GatherBlockQuantized
 plus the zero-point correction of the gathered rows), so the fp table leaves the file.
 
+An fp head that is exactly an int8 grid (int8 codes times one scale per 32 inputs: what GGUF's Q8_0 stores, so
+what a model read from such a file holds) is stored as that grid under the default `fp32` when the folder ships
+hqexport's kernels: bit for bit the same values in a quarter of the bytes (`exact_int8_head`), as one
+hqexport.HQQMatMulNBits node that the library runs from the codes. Without the library the node's body is
+onnxruntime's MatMulNBits, whose fp32 path dequantizes 8-bit tables on every call: slow but in bounded memory,
+which is why a folder without the library (--no-kernels) keeps the fp32 head.
+
 hqq rather than round-to-nearest: on SmolLM2 an RTN int4 head (onnxruntime's quantizer, block 32) agreed with
 the exact model's top-1 token at 70% of validate's positions. On CPU an 8-bit MatMulNBits is fast only at
 accuracy_level 4 (its fp32 path dequantizes the whole matrix per call), so pair `int8` with `--accuracy-level 4`.
@@ -29,6 +36,7 @@ from hqexport.read.meta import layer_from_meta
 
 LM_HEADS = ("fp32", "int8", "int4")
 HEAD_GROUP_SIZE = 32
+GRID_ZERO = 128  # the exact int8 head's codes are q + 128, q in [-127, 127]
 HEAD_PATH = "lm_head"
 EMBEDDING_NODE = "/model/embed_tokens/Gather"
 
@@ -37,7 +45,7 @@ EMBEDDING_NODE = "/model/embed_tokens/Gather"
 class HeadChoice:
     """How the head is stored (the manifest's model.lm_head)."""
 
-    format: str  # "fp32", "int8", "int4" or "hqq" (quantized in the source)
+    format: str  # "fp32", "int8-exact" (exact_int8_head), "int8", "int4" or "hqq" (quantized in the source)
     lossy: bool
     group_size: int | None = None
     op: str | None = None  # the op computing a head quantized by --lm-head
@@ -66,6 +74,32 @@ def quantize_head(qmodel: QuantizedModel, tied: bool, choice: HeadChoice) -> Qua
     packed, meta = Quantizer.quantize(weight, device="cpu", compute_dtype=torch.float32, **params)
     meta["compute_dtype"] = torch.float32
     return layer_from_meta(HEAD_PATH, packed, meta, None)
+
+
+def exact_int8_head(qmodel: QuantizedModel, tied: bool) -> QuantizedLinear | None:
+    """The fp head as an 8-bit HQQ layer (group 32, zero 128) holding exactly its values, or None if it holds others.
+
+    Each block of 32 inputs must be q * s with integer q in [-127, 127] and s = the block's largest magnitude / 127,
+    checked by multiplying back, bits compared (a -0.0 is not taken): (code - 128) * s is the head's fp32 value bit
+    for bit, as hqq dequantizes it.
+    """
+    weight = qmodel.tensors["model.embed_tokens.weight" if tied else f"{HEAD_PATH}.weight"]
+    if weight.dtype != torch.float32 or weight.shape[1] % HEAD_GROUP_SIZE:
+        return None
+    blocks = weight.reshape(-1, HEAD_GROUP_SIZE)
+    scale = blocks.abs().amax(dim=1, keepdim=True) / 127
+    codes = (blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)).round() + GRID_ZERO  # all-zero blocks: 128
+    if not bool(((codes >= 1) & (codes <= 255)).all()):
+        return None
+    if not torch.equal(((codes - GRID_ZERO) * scale).view(torch.int32), blocks.view(torch.int32)):
+        return None
+    meta = {"nbits": 8, "group_size": HEAD_GROUP_SIZE, "axis": 1, "packing": "8bit_u8", "shape": list(weight.shape),
+            "scale": scale, "zero": torch.full_like(scale, GRID_ZERO), "compute_dtype": torch.float32}
+    return layer_from_meta(HEAD_PATH, codes.to(torch.uint8), meta, None)
+
+
+def exact_int8_choice() -> HeadChoice:
+    return HeadChoice("int8-exact", lossy=False, group_size=HEAD_GROUP_SIZE)
 
 
 def share_embedding(model: ir.Model, head: dict[str, str], *, bits: int, block_size: int) -> None:

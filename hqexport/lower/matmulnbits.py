@@ -17,7 +17,7 @@ shared by the layers reading the same input. Layers whose zeros are integers alr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -65,17 +65,19 @@ def matmulnbits_blocker(*, bits: int, group_size: int, axis: int, in_features: i
 class LowerToMatMulNBits(ir.passes.InPlacePass):
     """Replace every expressible HQQMatMul node by MatMulNBits (+ exact zero-point correction).
 
-    mode "auto" keeps the others as hqexport ops and fuses each exact correction into an HQQMatMulNBits node;
-    mode "ort" writes onnxruntime's ops only and raises HQExportError for the first layer that cannot be
+    mode "auto" keeps the others as hqexport ops and fuses each exact correction into an HQQMatMulNBits node (and
+    the nodes named in `fuse`, whose correction is zero: onnxruntime's CPU MatMulNBits has no fast fp32 path for
+    8-bit weights, hqexport's library has); mode "ort" writes onnxruntime's ops only and raises HQExportError for the first layer that cannot be
     lowered. `decisions` maps node names to what was done.
     """
 
-    def __init__(self, mode: str = "auto", accuracy_level: int = 0) -> None:
+    def __init__(self, mode: str = "auto", accuracy_level: int = 0, fuse: Collection[str] = ()) -> None:
         super().__init__()
         if mode not in ("auto", "ort"):
             raise ValueError(f"mode must be 'auto' or 'ort', not {mode!r}")
         self.mode = mode
         self.accuracy_level = accuracy_level
+        self.fuse = frozenset(fuse)  # nodes fused although their zero points are integers (see `_lower`)
         self.decisions: dict[str, LayerDecision] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -154,8 +156,9 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         ]
         shape = dict(K=K, N=N, bits=container, block_size=group_size)
         needs_correction = split.needs_correction()
-        fused = needs_correction and self.mode == "auto" and self.accuracy_level == 0 and act_np == np.float32
-        if needs_correction:  # integer zero points need none: MatMulNBits alone is exact
+        fusable = self.mode == "auto" and self.accuracy_level == 0 and act_np == np.float32
+        fused = fusable and (needs_correction or node.name in self.fuse)
+        if needs_correction or fused:  # integer zero points need none: MatMulNBits alone is exact
             correction = initializer("zero_correction", lambda: split.correction().T.astype(act_np), act_np, (blocks, N))
             indicator = self._indicator(graph, K, group_size, act_np)
         if fused:  # one node: a compiled kernel where the library is registered, else its body (ops/nbits.py)

@@ -44,7 +44,7 @@ def build_manifest(
 
     layer_ops: per layer path, the op computing it ("op", "node", "initializers", optional "lowering");
     outputs: each written file (path relative to the folder) -> sha256; adapters: the adapters section;
-    lm_head: how the head is stored (lower/lm_head.py HeadDecision). model.lossy lists every choice that
+    lm_head: how the head is stored (lower/lm_head.py HeadChoice). model.lossy lists every choice that
     departs from the source's exact result (validate then measures the loss instead of requiring exactness).
     """
     accuracy_levels = {entry.get("lowering", {}).get("accuracy_level") for entry in layer_ops.values()}
