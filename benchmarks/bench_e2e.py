@@ -8,8 +8,8 @@ In a work folder it builds, each in its own process (wall time, peak RSS):
 - hqexport: `convert` (the exact default: HQQMatMulNBits nodes, the compiled kernel library in the folder, named in
   genai_config.json), `--no-kernels` (the same graph without the library: its function bodies, stock onnxruntime
   ops), `--ops hqq` (HQQMatMul nodes with the library), `--accuracy-level 4 --lm-head int8` and `--accuracy-level 4
-  --lm-head int4` (lossy), and `hqexport-fp32`: the same graph on hqq's dequantized weights as plain fp32 MatMuls
-  (our own fp32 export);
+  --lm-head int4` (lossy), and `hqexport-fp32`: the same graph on hqq's dequantized weights as plain fp32 MatMuls,
+  the head included (our own fp32 export, stock onnxruntime ops);
 - onnxruntime-genai's model builder (`python -m onnxruntime_genai.models.builder -e cpu`) on a Hugging Face folder
   of the same dequantized weights: `-p fp32`, `-p int4` with its defaults (accuracy_level 4, block 32), and
   `-p int4` with accuracy_level 1 (fp32 compute) and the source's group size as block size.
@@ -139,11 +139,12 @@ def run_convert(spec: dict) -> dict:
 
 
 def convert_fp32(spec: dict) -> dict:
-    """hqexport's graph on the dequantized weights: every linear a fp32 MatMul."""
+    """hqexport's graph on the dequantized weights: every linear a fp32 MatMul, the head too (without the kernels,
+    an fp head that is an exact int8 grid stays fp32: plain fp32 in stock onnxruntime ops)."""
     from hqexport.convert import convert
 
     started = time.perf_counter()
-    convert(dequantized(Path(spec["source"])), Path(spec["out"]), progress=False)
+    convert(dequantized(Path(spec["source"])), Path(spec["out"]), with_kernels=False, progress=False)
     return {"seconds": time.perf_counter() - started}
 
 
