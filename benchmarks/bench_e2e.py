@@ -36,12 +36,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, median_seconds, report, status_kib  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from common import RESULTS, median_seconds, report, status_kib
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from hqexport.model import QuantizedModel
 
 #: variant -> (what it is, how it is built); the order of the table
 VARIANTS = {
@@ -114,7 +118,7 @@ def tiny_source(folder: Path) -> Path:
     return save_hqq_pickle(model, folder, tokenizer)
 
 
-def dequantized(source: Path):  # noqa: ANN201 - hqexport.model.QuantizedModel
+def dequantized(source: Path) -> QuantizedModel:
     """The source with every HQQ layer replaced by fp32 tensors of hqq's own dequantized weight (and its bias)."""
     from hqexport.formats.dequant import dequantize_torch
     from hqexport.model import QuantizedModel
@@ -204,6 +208,8 @@ class OrtModel:
     def __init__(self, folder: Path, library: str | None) -> None:
         import onnxruntime as ort
 
+        self.run_options: ort.RunOptions | None = None  # e.g. with a LoRA adapter active (bench_adapters.py)
+
         options = ort.SessionOptions()
         if library:
             options.register_custom_ops_library(library)
@@ -214,19 +220,19 @@ class OrtModel:
         self.layers = decoder["num_hidden_layers"]
         self.kv_shape = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])
 
-    def empty(self):  # noqa: ANN201
+    def empty(self):
         import numpy as np
 
         return {f"past_key_values.{i}.{kv}": np.zeros(self.kv_shape, np.float32) for i in range(self.layers) for kv in ("key", "value")}
 
-    def step(self, ids: list[int], past):  # noqa: ANN001, ANN201 - -> (next token, present)
+    def step(self, ids: list[int], past):  # -> (next token, present)
         import numpy as np
 
         done = next(iter(past.values())).shape[2]
         feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, done + len(ids)), np.int64), **past}
         if "position_ids" in self.inputs:
             feeds["position_ids"] = np.arange(done, done + len(ids), dtype=np.int64)[None]
-        outputs = dict(zip(self.outputs, self.session.run(None, feeds)))
+        outputs = dict(zip(self.outputs, self.session.run(None, feeds, self.run_options)))
         present = {name: outputs[name.replace("past_key_values.", "present.")] for name in past}
         return int(outputs["logits"][0, -1].argmax()), present
 
@@ -234,13 +240,13 @@ class OrtModel:
 class TorchModel:
     """Greedy steps through a transformers model with a DynamicCache."""
 
-    def __init__(self, model) -> None:  # noqa: ANN001
+    def __init__(self, model) -> None:
         self.model = model
 
-    def empty(self):  # noqa: ANN201
+    def empty(self):
         return None
 
-    def step(self, ids: list[int], past):  # noqa: ANN001, ANN201
+    def step(self, ids: list[int], past):
         import torch
 
         with torch.inference_mode():
@@ -248,7 +254,7 @@ class TorchModel:
         return int(out.logits[0, -1].argmax()), out.cache
 
 
-def decode(model, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:  # noqa: ANN001
+def decode(model, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
     token, past = model.step(prompt, model.empty())
     generated, seconds = [token], []
     for _ in range(steps):

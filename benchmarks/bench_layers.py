@@ -25,12 +25,12 @@ from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, median_seconds, memory_bandwidth_gbs, report  # noqa: E402
+from common import RESULTS, median_seconds, memory_bandwidth_gbs, report
 
-from hqexport.lower import LowerToMatMulNBits  # noqa: E402
-from hqexport.ops import canonical_weight  # noqa: E402
-from hqexport.ops.function import attach_function  # noqa: E402
-from hqexport.read.meta import layer_from_meta  # noqa: E402
+from hqexport.lower import LowerToMatMulNBits
+from hqexport.ops import canonical_weight
+from hqexport.ops.function import attach_function
+from hqexport.read.meta import layer_from_meta
 
 OPSET = 21
 

@@ -32,11 +32,11 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import status_kib  # noqa: E402
+from common import status_kib
 
-from hqexport.formats.codes import grouped_shape  # noqa: E402
-from hqexport.formats.packing import PACKINGS  # noqa: E402
-from hqexport.model import HQQFormat  # noqa: E402
+from hqexport.formats.codes import grouped_shape
+from hqexport.formats.packing import PACKINGS
+from hqexport.model import HQQFormat
 
 #: Llama-2-7B
 LLAMA_7B = dict(

@@ -20,7 +20,7 @@ from hqexport.errors import HQExportError
 class _Group(click.Group):
     """Turns our errors into one line and exit code 2 instead of a traceback, and SIGTERM into a clean stop."""
 
-    def invoke(self, ctx: click.Context):  # noqa: D102
+    def invoke(self, ctx: click.Context):
         previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
         try:
             return super().invoke(ctx)

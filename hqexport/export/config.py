@@ -49,7 +49,7 @@ def model_config(qmodel: QuantizedModel) -> transformers.PretrainedConfig:
     values: dict[str, Any] = {k: v for k, v in qmodel.config.items() if k not in _CHECKPOINT_KEYS}
     try:
         config = transformers.AutoConfig.for_model(**values)
-    except Exception as error:  # noqa: BLE001 - transformers and huggingface_hub raise many types for bad values
+    except Exception as error:  # transformers and huggingface_hub raise many types for bad values
         reason = " ".join(f"{type(error).__name__}: {error}".split())  # one line, whatever transformers wrote
         raise HQExportError(f"transformers cannot build {qmodel.architecture} from it ({reason[:300]})", config_file) from None
     if "lm_head" in qmodel.linears:  # a quantized head cannot share the fp embedding matrix

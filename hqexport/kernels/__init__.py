@@ -7,13 +7,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hqexport.kernels.build import KernelBuildError, build_library, library_path
 
 __all__ = ["KernelBuildError", "build_library", "library_path", "register"]
 
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
-def register(options, build: bool = False) -> Path | None:  # noqa: ANN001 (onnxruntime.SessionOptions)
+
+def register(options: ort.SessionOptions, build: bool = False) -> Path | None:
     """Registers the library with `options` when it is built (or `build` is true); returns its path, else None."""
     path = library_path(build=build)
     if path is not None:

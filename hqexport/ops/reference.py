@@ -56,7 +56,7 @@ class HQQMatMul(OpRun):
 
     op_domain = DOMAIN
 
-    def _run(self, A, W, scale, zero, bias=None, N=None, K=None, bits=None, group_size=None, axis=None):  # noqa: ANN001, ANN202, N803
+    def _run(self, A, W, scale, zero, bias=None, N=None, K=None, bits=None, group_size=None, axis=None):
         # onnx.reference passes the node's attributes by keyword, matched by these parameter names
         return (hqq_matmul_reference(A, W, scale, zero, bias, N=N, K=K, bits=bits, group_size=group_size, axis=axis),)
 

@@ -96,7 +96,7 @@ def _skeleton(config: dict[str, Any]) -> torch.nn.Module | None:
         hf_config = transformers.AutoConfig.for_model(**settings)
         with torch.device("meta"):
             return transformers.AutoModelForCausalLM.from_config(hf_config)
-    except Exception:  # noqa: BLE001 - best effort: transformers raises many types for configs it rejects
+    except Exception:  # best effort: transformers raises many types for configs it rejects
         return None
 
 

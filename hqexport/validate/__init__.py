@@ -140,5 +140,5 @@ def _guarded(name: str, run: Callable[[], CheckResult]) -> CheckResult:
         return run()
     except HQExportError:
         raise
-    except Exception as error:  # noqa: BLE001 - any crash while comparing is a failed check, reported by name
+    except Exception as error:  # any crash while comparing is a failed check, reported by name
         return CheckResult(name, False, {"error": f"{type(error).__name__}: {error}"}, {}, f"could not run: {type(error).__name__}: {error}")

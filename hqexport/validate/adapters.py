@@ -41,7 +41,7 @@ def _peft(model: torch.nn.Module, source: Path, name: str) -> torch.nn.Module:
 
     try:
         return PeftModel.from_pretrained(model, str(source), adapter_name=name, is_trainable=False)
-    except Exception as error:  # noqa: BLE001 - peft raises many kinds for a bad folder
+    except Exception as error:  # peft raises many kinds for a bad folder
         raise HQExportError(f"peft cannot load adapter {name}: {error}", source) from None
 
 

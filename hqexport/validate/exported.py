@@ -77,7 +77,7 @@ def open_exported(folder: Path) -> Exported:
         raise HQExportError(f"has no {MODEL_FILE}", folder)
     try:
         graph = onnx.load(str(model_path), load_external_data=False)
-    except Exception as error:  # noqa: BLE001 - protobuf raises DecodeError and others
+    except Exception as error:  # protobuf raises DecodeError and others
         raise HQExportError(f"cannot be parsed as ONNX: {error}", model_path) from None
     check_external_data(graph, folder)
     return Exported(folder, manifest, graph)

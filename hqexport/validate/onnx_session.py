@@ -58,7 +58,7 @@ class OnnxDecoder:
             self.session = ort.InferenceSession(source, options, providers=providers_for(provider))
         except HQExportError:
             raise
-        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+        except Exception as error:  # onnxruntime raises its own exception types
             raise HQExportError(f"onnxruntime cannot load the model: {error}", folder / MODEL_FILE) from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         for required in ("input_ids", "attention_mask"):

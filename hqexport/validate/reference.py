@@ -104,7 +104,7 @@ def _pickle_modules(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     """hqq's save_quantized file: {module path: state dict}; loaded without unpickling code."""
     try:
         weights = torch.load(folder / PICKLE_FILE, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file
+    except Exception as error:  # torch raises many kinds for a bad file
         raise HQExportError(f"cannot load hqq weights: {error}", folder / PICKLE_FILE) from None
     if not isinstance(weights, dict):
         raise HQExportError("is not an hqq save_quantized file (expected a dict of modules)", folder / PICKLE_FILE)
@@ -161,7 +161,7 @@ def _install_hqq_layer(model: torch.nn.Module, name: str, state: dict, folder: P
     layer = HQQLinear(None, None, compute_dtype=compute_dtype, device="cpu", initialize=False)
     try:
         layer.load_state_dict(state)
-    except Exception as error:  # noqa: BLE001 - hqq raises bare exceptions for bad states
+    except Exception as error:  # hqq raises bare exceptions for bad states
         raise HQExportError(f"hqq cannot load layer {name}: {error}", folder) from None
     use_activation_dtype(layer)
     parent_name, _, child = name.rpartition(".")

@@ -1,0 +1,191 @@
+"""What a LoRA adapter costs a decode step: active, loaded but inactive, baked, against the base export.
+
+    python benchmarks/bench_adapters.py            # SmolLM2-135M, the three cases below (about 10 minutes)
+    python benchmarks/bench_adapters.py --tiny     # a tiny hqexport.sample llama, about a minute (the smoke test)
+
+Cases (base bits, rank, target projections), as the HQQ+LoRA recipes pair them: 4-bit with rank 16 on q/k/v/o,
+3-bit with rank 64 and 2-bit with rank 128 on all seven projections. Each base is hqq g64 axis 1 (SmolLM2 from
+tests/smollm2.py); each adapter is a PEFT LoRA folder with random A and B (speed does not depend on the values).
+
+Per case, in a work folder: `hqexport convert` without the adapter (`base`), with it as a separate .onnx_adapter
+(`--adapter`), and baked in (`--adapters bake`). One process then runs, rounds interleaved (`--rounds`):
+- base: the export without adapters;
+- inactive: the separate export, no adapter active (its LoRA inputs keep their rank-0 defaults);
+- active: the same session with the adapter active (onnxruntime's LoraAdapter in the RunOptions);
+- baked: the baked export.
+Each decodes `--decode` greedy steps after a `--prompt`-token prompt (median ms per step) and prefills `--prefill`
+tokens (median of 3), on plain onnxruntime with the kernel library each folder ships. Switching is timed too: the
+first load of the .onnx_adapter file, and building RunOptions that activate an already loaded adapter. Ratios are
+to the base export of the same case, in the same process: only they are compared across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_e2e import OrtModel, decode, shipped_library, source_tokens
+from common import RESULTS, median_seconds, report
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_SEVEN = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
+CASES = {  # name: (base bits, LoRA rank, target projections)
+    "4-bit r16 q/k/v/o": (4, 16, ATTENTION),
+    "3-bit r64 all seven": (3, 64, ALL_SEVEN),
+    "2-bit r128 all seven": (2, 128, ALL_SEVEN),
+}
+VARIANTS = ("base", "inactive", "active", "baked")
+ADAPTER = "bench"
+TARGETS = {  # issue 17: time ratio to the base export (decode unless named)
+    ("4-bit r16 q/k/v/o", "active"): 1.03,
+    ("4-bit r16 q/k/v/o", "inactive"): 1.01,
+    ("2-bit r128 all seven", "active"): 1.15,
+}
+
+
+def base_source(bits: int, tiny: bool, work: Path) -> Path:
+    """The hqq base folder of a case: SmolLM2 (cached by tests/smollm2.py) or a tiny sample llama."""
+    if not tiny:
+        from tests.smollm2 import smollm2_hqq
+
+        return smollm2_hqq(nbits=bits)
+    from hqexport.sample import build_sample_model, build_tokenizer, save_hqq_pickle
+
+    folder = work / f"tiny-{bits}bit"
+    if not (folder / "qmodel.pt").is_file():
+        tokenizer = build_tokenizer()
+        save_hqq_pickle(build_sample_model("llama", vocab_size=tokenizer.vocab_size, nbits=bits, group_size=64), folder, tokenizer)
+    return folder
+
+
+def random_adapter(base: Path, rank: int, targets: tuple[str, ...], out: Path) -> Path:
+    """A PEFT LoRA folder for every decoder layer's `targets` of `base`, with random A and B."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((base / "config.json").read_text())
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
+              "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    generator = torch.Generator().manual_seed(rank)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for name in targets:
+            block = "self_attn" if name in ATTENTION else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{name}"
+            out_features, in_features = shapes[name]
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    adapter_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+                      "target_modules": list(targets), "bias": "none", "base_model_name_or_path": str(base)}
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    return out
+
+
+def build_case(name: str, tiny: bool, work: Path) -> dict[str, Path]:
+    """The three exports of a case (base, separate, baked), converted once per work folder."""
+    from hqexport.convert import convert
+
+    bits, rank, targets = CASES[name]
+    folder = work / name.replace(" ", "-").replace("/", "")
+    source = base_source(bits, tiny, work)
+    adapter = random_adapter(source, rank, targets, folder / "adapter")
+    outs = {"base": folder / "base", "separate": folder / "separate", "baked": folder / "baked"}
+    options = {"base": {}, "separate": {"adapters": [f"{ADAPTER}={adapter}"]},
+               "baked": {"adapters": [f"{ADAPTER}={adapter}"], "adapter_mode": "bake"}}
+    for kind, out in outs.items():
+        if not (out / "hqexport.json").is_file():
+            convert(source, out, force=True, progress=False, **options[kind])
+    return outs
+
+
+def time_case(outs: dict[str, Path], tokens: list[int], args: argparse.Namespace) -> dict[str, dict]:
+    """Decode and prefill of every variant, rounds interleaved, and the switching times."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # not one warning per overridable LoRA initializer
+    started = time.perf_counter()
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(outs["separate"] / "adapters" / f"{ADAPTER}.onnx_adapter"))
+    load_ms = (time.perf_counter() - started) * 1e3
+
+    def activate() -> ort.RunOptions:
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+        return options
+
+    activate_ms = median_seconds(activate, repeats=50) * 1e3
+    separate = OrtModel(outs["separate"], shipped_library(outs["separate"]))
+    active = OrtModel(outs["separate"], shipped_library(outs["separate"]))
+    active.run_options = activate()
+    models = {"base": OrtModel(outs["base"], shipped_library(outs["base"])), "inactive": separate, "active": active,
+              "baked": OrtModel(outs["baked"], shipped_library(outs["baked"]))}
+    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    for _ in range(args.rounds):
+        for variant, model in models.items():
+            prefill = median_seconds(lambda m=model: m.step(tokens[: args.prefill], m.empty()), warmup=1, repeats=3)
+            generated, seconds = decode(model, tokens[: args.prompt], args.decode)
+            runs[variant].append({"decode_ms": statistics.median(seconds) * 1e3, "prefill_ms": prefill * 1e3, "tokens": generated})
+    results = {variant: {key: statistics.median(run[key] for run in rounds) for key in ("decode_ms", "prefill_ms")}
+               | {"tokens": rounds[0]["tokens"], "rounds": rounds} for variant, rounds in runs.items()}
+    results["switch"] = {"load_ms": load_ms, "activate_ms": activate_ms}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny hqexport.sample llama instead of SmolLM2-135M")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
+    parser.add_argument("--prompt", type=int, default=26)
+    parser.add_argument("--decode", type=int, default=48)
+    parser.add_argument("--prefill", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--work", type=Path, help="keep the exports here (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "adapters.json")
+    args = parser.parse_args()
+    selected = [case.strip() for case in args.cases.split(",")]
+    unknown = [case for case in selected if case not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    if args.tiny:
+        args.prompt, args.decode, args.prefill = min(args.prompt, 8), min(args.decode, 8), min(args.prefill, 16)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.work or Path(scratch)
+        rows, cases = [], {}
+        for case in selected:
+            outs = build_case(case, args.tiny, work)
+            tokens = source_tokens(outs["base"], max(args.prompt, args.prefill))
+            results = cases[case] = time_case(outs, tokens, args)
+            base = results["base"]
+            for variant in VARIANTS:
+                result = results[variant]
+                target = TARGETS.get((case, variant))
+                rows.append({
+                    "case": case, "variant": variant, "decode ms": result["decode_ms"],
+                    "decode vs base": result["decode_ms"] / base["decode_ms"], "prefill ms": result["prefill_ms"],
+                    "prefill vs base": result["prefill_ms"] / base["prefill_ms"],
+                    "same tokens as baked": result["tokens"] == results["baked"]["tokens"],
+                    "target": target, "met": None if target is None else result["decode_ms"] / base["decode_ms"] <= target,
+                })
+            rows.append({"case": case, "variant": "switch", "decode ms": results["switch"]["activate_ms"],
+                         "prefill ms": results["switch"]["load_ms"], "target": "< 5 ms",
+                         "met": results["switch"]["load_ms"] + results["switch"]["activate_ms"] < 5})
+        columns = ["case", "variant", "decode ms", "decode vs base", "prefill ms", "prefill vs base", "same tokens as baked", "target", "met"]
+        title = "LoRA adapters on " + ("a tiny llama" if args.tiny else "SmolLM2-135M") + " (switch row: activate ms | first load ms)"
+        report(title, columns, rows, args.out, {"cases": cases, "settings": vars(args) | {"work": str(args.work), "out": str(args.out)}})
+
+
+if __name__ == "__main__":
+    main()
