@@ -97,8 +97,9 @@ def convert(
     adapters: `[NAME=]PATH` arguments (PEFT adapter folders); adapter_mode: separate (default with adapters),
     bake or merge. ops: auto (MatMulNBits where it is exact, hqexport op elsewhere), hqq (hqexport op
     everywhere) or ort (MatMulNBits everywhere, an error for a layer it cannot express). accuracy_level: of the
-    MatMulNBits nodes (ACCURACY_LEVELS); 4 trades HQQ's exact result for int8 activations. lm_head: fp32 (exact)
-    or a lossy int8 / int4 requantization of an fp head (lower/lm_head.py). with_kernels: put the compiled kernel
+    MatMulNBits nodes (ACCURACY_LEVELS); 4 trades HQQ's exact result for int8 activations. lm_head: fp32 (exact;
+    stored as its int8 grid when it is one and the folder ships the kernels) or a lossy int8 / int4
+    requantization of an fp head (lower/lm_head.py). with_kernels: put the compiled kernel
     library (built if needed) into the folder and name it in genai_config.json, so that onnxruntime-genai runs the
     hqexport ops on it; None (the default) does so when the graph has hqexport ops and the library can be built
     on this machine, False never (a folder for another platform: the ops then run as their function bodies).

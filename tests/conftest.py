@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hqexport.kernels import build
+from hqexport.kernels import KernelBuildError, build
 from hqexport.sample import build_sample_model, build_tokenizer, corpus_text, quantize_config, save_hqq_pickle, save_hqq_safetensors
 
 #: Formats the fixtures are made in (issue 2: 4-bit g32 axis 1, 3-bit, 2-bit g16 axis 0, 8-bit).
@@ -127,5 +127,5 @@ def library() -> Path:
     and so do the tests that use it, with the builder's message."""
     try:
         return build.build_library()
-    except build.KernelBuildError as error:
+    except KernelBuildError as error:
         pytest.fail(f"building the kernels library failed (no headers without network or ORT_INCLUDE_DIR?): {error}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hqexport.kernels.build import KernelBuildError, build_library, library_path
+from hqexport.kernels.build import build_library, library_path
+from hqexport.kernels.toolchain import KernelBuildError
 
 __all__ = ["KernelBuildError", "build_library", "library_path", "register"]
 

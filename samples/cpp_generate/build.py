@@ -29,7 +29,7 @@ def ort_library() -> Path:
 
 
 def ort_include_dir() -> Path:
-    from hqexport.kernels.build import ort_include_dir as find  # honours ORT_INCLUDE_DIR
+    from hqexport.kernels.headers import ort_include_dir as find  # honours ORT_INCLUDE_DIR
 
     return find()
 
