@@ -1,4 +1,5 @@
-"""`--lm-head int8 / int4`: the fp lm_head quantized with hqq at convert time (lossy, explicit, validated).
+"""How the fp lm_head is stored: fp32, its exact int8 grid, or (`--lm-head int8 / int4`) quantized with hqq at
+convert time (lossy, explicit, validated).
 
 The head of a small model is most of the bytes a decode step reads (SmolLM2-135M: 113 of 180 MB in fp32).
 `fp32` (the default) leaves it a fp32 MatMul, bit for bit the source's weights. `int8` / `int4` quantize it
@@ -48,7 +49,7 @@ class HeadChoice:
     format: str  # "fp32", "int8-exact" (exact_int8_head), "int8", "int4" or "hqq" (quantized in the source)
     lossy: bool
     group_size: int | None = None
-    op: str | None = None  # the op computing a head quantized by --lm-head
+    op: str | None = None  # the op computing a quantized head (--lm-head int8/int4, or the exact int8 grid)
     shared_with_embedding: bool | None = None  # a tied embedding reads the quantized head's table
 
     def to_json(self) -> dict:

@@ -65,10 +65,10 @@ def matmulnbits_blocker(*, bits: int, group_size: int, axis: int, in_features: i
 class LowerToMatMulNBits(ir.passes.InPlacePass):
     """Replace every expressible HQQMatMul node by MatMulNBits (+ exact zero-point correction).
 
-    mode "auto" keeps the others as hqexport ops and fuses each exact correction into an HQQMatMulNBits node (and
-    the nodes named in `fuse`, whose correction is zero: onnxruntime's CPU MatMulNBits has no fast fp32 path for
-    8-bit weights, hqexport's library has); mode "ort" writes onnxruntime's ops only and raises HQExportError for the first layer that cannot be
-    lowered. `decisions` maps node names to what was done.
+    mode "auto" keeps the others as hqexport ops and fuses each exact correction into an HQQMatMulNBits node, and
+    also the nodes named in `fuse`, whose correction is zero (onnxruntime's CPU MatMulNBits has no fast fp32 path
+    for 8-bit weights; hqexport's library has). mode "ort" writes onnxruntime's ops only and raises HQExportError
+    for the first layer that cannot be lowered. `decisions` maps node names to what was done.
     """
 
     def __init__(self, mode: str = "auto", accuracy_level: int = 0, fuse: Collection[str] = ()) -> None:
