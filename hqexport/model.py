@@ -97,7 +97,3 @@ class QuantizedModel:
     @property
     def packed_bytes(self) -> int:
         return sum(layer.packed_bytes for layer in self.linears.values())
-
-    @property
-    def fp_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())

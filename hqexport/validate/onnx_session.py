@@ -71,7 +71,6 @@ class OnnxDecoder:
         self.num_layers = len(layers)
         key = inputs.get("past_key_values.0.key")
         self.cache_dtype = _ORT_DTYPES.get(key.type, np.float32) if key is not None else np.float32
-        self.cache_dims = key.shape if key is not None else None  # [b, kv_heads, past, head_dim], some symbolic
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_cache(self, batch: int, kv_heads: int, head_dim: int) -> list[tuple[np.ndarray, np.ndarray]]:
