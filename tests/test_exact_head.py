@@ -37,7 +37,9 @@ def q8_0_grid(table: np.ndarray) -> np.ndarray:
     return (q * d).astype(np.float32).reshape(table.shape)
 
 
-def test_only_an_exact_grid_is_taken(hqq_source):
+@pytest.mark.parametrize("check_rows", [4096, 7])  # one chunk of rows, or 46 with a partial last one
+def test_only_an_exact_grid_is_taken(hqq_source, monkeypatch, check_rows):
+    monkeypatch.setattr("hqexport.lower.lm_head.GRID_CHECK_ROWS", check_rows)
     qmodel = read_source(hqq_source("llama", "pickle", tie_word_embeddings=True, **FORMATS["4bit"]))
     key = "model.embed_tokens.weight"
     random_table = qmodel.tensors[key].clone()
@@ -54,7 +56,9 @@ def test_only_an_exact_grid_is_taken(hqq_source):
     weight = ((codes.reshape(grid.shape[0], -1, 32) - zero) * scale).reshape(grid.shape)
     np.testing.assert_array_equal(weight.view(np.uint32), grid.view(np.uint32))
 
-    for row, col, value in ((5, 7, np.nextafter(grid[5, 7], np.float32(np.inf))), (6, 0, np.float32(-0.0))):
+    last = grid.shape[0] - 1  # in the last (partial) chunk when check_rows is 7
+    for row, col, value in ((5, 7, np.nextafter(grid[5, 7], np.float32(np.inf))), (6, 0, np.float32(-0.0)),
+                            (last, 40, np.nextafter(grid[last, 40], np.float32(-np.inf)))):
         off = grid.copy()
         off[row, col] = value  # one ulp off the grid; a -0.0 that (code - 128) * scale cannot give
         if value == 0:

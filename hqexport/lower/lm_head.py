@@ -38,6 +38,7 @@ from hqexport.read.meta import layer_from_meta
 LM_HEADS = ("fp32", "int8", "int4")
 HEAD_GROUP_SIZE = 32
 GRID_ZERO = 128  # the exact int8 head's codes are q + 128, q in [-127, 127]
+GRID_CHECK_ROWS = 4096  # rows of the head checked at a time
 HEAD_PATH = "lm_head"
 EMBEDDING_NODE = "/model/embed_tokens/Gather"
 
@@ -87,16 +88,21 @@ def exact_int8_head(qmodel: QuantizedModel, tied: bool) -> QuantizedLinear | Non
     weight = qmodel.tensors["model.embed_tokens.weight" if tied else f"{HEAD_PATH}.weight"]
     if weight.dtype != torch.float32 or weight.shape[1] % HEAD_GROUP_SIZE:
         return None
-    blocks = weight.reshape(-1, HEAD_GROUP_SIZE)
-    scale = blocks.abs().amax(dim=1, keepdim=True) / 127
-    codes = (blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)).round() + GRID_ZERO  # all-zero blocks: 128
-    if not bool(((codes >= 1) & (codes <= 255)).all()):
-        return None
-    if not torch.equal(((codes - GRID_ZERO) * scale).view(torch.int32), blocks.view(torch.int32)):
-        return None
+    codes, scales = [], []
+    for rows in weight.split(GRID_CHECK_ROWS):  # bounded temporaries, and a table that is no grid fails early
+        blocks = rows.reshape(-1, HEAD_GROUP_SIZE)
+        scale = blocks.abs().amax(dim=1, keepdim=True) / 127
+        code = (blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)).round() + GRID_ZERO  # all-zero blocks: 128
+        if not bool(((code >= 1) & (code <= 255)).all()):
+            return None
+        if not torch.equal(((code - GRID_ZERO) * scale).view(torch.int32), blocks.view(torch.int32)):
+            return None
+        codes.append(code.to(torch.uint8))
+        scales.append(scale)
+    scale = torch.cat(scales)
     meta = {"nbits": 8, "group_size": HEAD_GROUP_SIZE, "axis": 1, "packing": "8bit_u8", "shape": list(weight.shape),
             "scale": scale, "zero": torch.full_like(scale, GRID_ZERO), "compute_dtype": torch.float32}
-    return layer_from_meta(HEAD_PATH, codes.to(torch.uint8), meta, None)
+    return layer_from_meta(HEAD_PATH, torch.cat(codes), meta, None)
 
 
 def exact_int8_choice() -> HeadChoice:
