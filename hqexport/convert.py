@@ -30,9 +30,9 @@ from hqexport.export.graph import DecoderGraph, LayerNode, build_decoder
 from hqexport.files import DATA_FILE, GENAI_CONFIG_FILE, MANIFEST_FILE, MODEL_FILE
 from hqexport.formats import canonical_shape, storage_bits
 from hqexport.lower import (
+    EXACT_INT8_HEAD,
     HEAD_PATH,
     LowerToMatMulNBits,
-    exact_int8_choice,
     exact_int8_head,
     head_choice,
     matmulnbits_blocker,
@@ -151,7 +151,7 @@ def convert(
             with steps("Checking whether the fp lm_head is an exact int8 grid"):
                 head = exact_int8_head(qmodel, config.tie_word_embeddings)
             if head is not None:
-                choice = exact_int8_choice()
+                choice = EXACT_INT8_HEAD
         with steps(f"Building the decoder graph (opset {opset})"):
             targets = {module for spec in specs for module in spec.modules} if mode != "merge" else set()
             graph = build_decoder(qmodel, config, io, opset=opset, own_outputs=targets, head=head)
@@ -167,7 +167,7 @@ def convert(
                 adapter_manifest = adapter_export.manifest
         if ops != "hqq":
             # the exact int8 head: one fused node that the library runs from its codes (ops/nbits.py)
-            fuse = {graph.layers[HEAD_PATH].node} if choice.format == "int8-exact" else set()
+            fuse = {graph.layers[HEAD_PATH].node} if choice == EXACT_INT8_HEAD else set()
             with steps(f"Lowering to MatMulNBits where exact (--ops {ops})"):
                 _lower(graph, layer_ops, ops, accuracy_level, fuse)
         if head is not None:  # not a layer of the source: the manifest describes it under model.lm_head

@@ -57,6 +57,9 @@ class HeadChoice:
         return {key: value for key, value in self.__dict__.items() if value is not None}
 
 
+EXACT_INT8_HEAD = HeadChoice("int8-exact", lossy=False, group_size=HEAD_GROUP_SIZE)  # exact_int8_head's storage
+
+
 def head_choice(qmodel: QuantizedModel, mode: str) -> HeadChoice:
     """What `--lm-head mode` makes of this model's head (an HQExportError for a choice that does not apply)."""
     if mode not in LM_HEADS:
@@ -103,10 +106,6 @@ def exact_int8_head(qmodel: QuantizedModel, tied: bool) -> QuantizedLinear | Non
     meta = {"nbits": 8, "group_size": HEAD_GROUP_SIZE, "axis": 1, "packing": "8bit_u8", "shape": list(weight.shape),
             "scale": scale, "zero": torch.full_like(scale, GRID_ZERO), "compute_dtype": torch.float32}
     return layer_from_meta(HEAD_PATH, torch.cat(codes), meta, None)
-
-
-def exact_int8_choice() -> HeadChoice:
-    return HeadChoice("int8-exact", lossy=False, group_size=HEAD_GROUP_SIZE)
 
 
 def share_embedding(model: ir.Model, head: dict[str, str], *, bits: int, block_size: int) -> None:

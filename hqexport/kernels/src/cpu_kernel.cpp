@@ -387,8 +387,7 @@ bool gemm(const Problem& p, SegmentFn segment, const float* A, float* Y, const R
 // vector pipe of the CPUs measured: 1.15x faster on SmolLM2's layers). The a'_t are computed once per call, one
 // rounding each, and each m_t (at most 255) converts to float exactly; the terms m_t a'_t are no larger than
 // 2^BITS |a|, so the error stays within the bound the factorized form already has (docs/kernels.md).
-template <int BITS, int PER>
-constexpr bool kPrefixForm = PER > 1 && BITS * PER == 8;
+constexpr bool prefix_form(int bits, int per) { return per > 1 && bits * per == 8; }
 
 constexpr int kFastRows = 4;  // output rows per pass: each load of A serves 4 rows
 
@@ -434,7 +433,7 @@ inline void fast_rows(const FastJob& job, int64_t n0) {
           const v8f av = load8(a + j * 8);
           for (int r = 0; r < R; ++r) {
             v8i code;
-            if constexpr (kPrefixForm<BITS, PER>) {
+            if constexpr (prefix_form(BITS, PER)) {
               code = j + 1 == PER ? words[r] : words[r] & ((1 << (BITS * (j + 1))) - 1);
             } else {
               code = (words[r] >> (BITS * j)) & ((1 << BITS) - 1);
@@ -502,7 +501,7 @@ bool fast_gemv(const Problem& p, const Runner& runner) {
   for (int64_t m = 0; m < p.M; ++m) {
     const float* a = A + m * p.K;
     float* out = ablocks + m * p.K;
-    const bool prefix = per > 1 && p.bits * per == 8;  // kPrefixForm
+    const bool prefix = prefix_form(p.bits, per);
     for (int64_t b0 = 0; b0 < p.K; b0 += block) {
       for (int i = 0; i < 8; ++i) {
         const float* word = a + b0 + i * per;  // the A values of word i's codes
