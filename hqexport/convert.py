@@ -26,7 +26,7 @@ from hqexport.adapters import MODES, AdapterSpec, apply_adapters, load_adapters,
 from hqexport.errors import HQExportError
 from hqexport.export.config import DEFAULT_OPSET, DTYPES, check_opset, check_weights, model_config
 from hqexport.export.decoder import decoder_io
-from hqexport.export.graph import DecoderGraph, LayerNode, build_decoder
+from hqexport.export.graph import DecoderGraph, LayerNode, build_decoder, layer_path
 from hqexport.files import DATA_FILE, GENAI_CONFIG_FILE, MANIFEST_FILE, MODEL_FILE
 from hqexport.formats import canonical_shape, storage_bits
 from hqexport.lower import (
@@ -40,6 +40,7 @@ from hqexport.lower import (
     share_embedding,
 )
 from hqexport.model import QuantizedModel
+from hqexport.ops.nbits import LORA_OP_TYPE
 from hqexport.ops.schema import DOMAIN, OP_TYPE
 from hqexport.read.folder import sha256
 from hqexport.read.source import read_source
@@ -143,33 +144,48 @@ def convert(
         check_weights(qmodel, config)
         io = decoder_io(config, DTYPES[dtype])
         library, kernels_error = _find_kernels(steps, with_kernels, ops)
+        # the compiled kernel will run the layers, exactly (HQQMatMulNBits: ops/nbits.py)
+        fp32_kernel = ops == "auto" and accuracy_level == 0 and dtype == "fp32" and library is not None
         head = None
         if choice.lossy:
             with steps(f"Quantizing the lm_head with hqq (--lm-head {lm_head}, lossy)"):
                 head = quantize_head(qmodel, config.tie_word_embeddings, choice)
-        elif choice.format == "fp32" and ops == "auto" and accuracy_level == 0 and dtype == "fp32" and library is not None:
+        elif choice.format == "fp32" and fp32_kernel:
             with steps("Checking whether the fp lm_head is an exact int8 grid"):
                 head = exact_int8_head(qmodel, config.tie_word_embeddings)
             if head is not None:
                 choice = EXACT_INT8_HEAD
+        targets = {module for spec in specs for module in spec.modules} if mode != "merge" else set()
+        # LoRA inside the kernel's nodes (adapters/fused.py) where they all run on it; else a branch per target
+        fused_lora = bool(targets) and fp32_kernel and _lora_fuses(qmodel, specs, targets)
         with steps(f"Building the decoder graph (opset {opset})"):
-            targets = {module for spec in specs for module in spec.modules} if mode != "merge" else set()
-            graph = build_decoder(qmodel, config, io, opset=opset, own_outputs=targets, head=head)
+            graph = build_decoder(qmodel, config, io, opset=opset, own_outputs=set() if fused_lora else targets, head=head)
         layer_ops = {path: _layer_entry(node) for path, node in graph.layers.items()}
         adapter_export = None
-        if mode != "merge" and specs:
+        if targets and not fused_lora:
             with steps(f"Adding {len(specs)} adapter(s) ({mode})"):
                 layers_view = {  # the source's layers (a head quantized by --lm-head is not one)
                     path: {**_layer_entry(graph.layers[path]), "shape": list(layer.shape), "output": graph.layers[path].output}
                     for path, layer in qmodel.linears.items()
                 }
                 adapter_export = apply_adapters(graph.model, {"model": {"dtype": dtype}, "layers": layers_view}, specs, mode, qmodel.linears)
-                adapter_manifest = adapter_export.manifest
         if ops != "hqq":
-            # the exact int8 head: one fused node that the library runs from its codes (ops/nbits.py)
+            # the exact int8 head and the adapted layers: HQQMatMulNBits nodes even where no zero needs correcting
             fuse = {graph.layers[HEAD_PATH].node} if choice == EXACT_INT8_HEAD else set()
+            fuse |= {graph.layers[module].node for module in targets} if fused_lora else set()
             with steps(f"Lowering to MatMulNBits where exact (--ops {ops})"):
                 _lower(graph, layer_ops, ops, accuracy_level, fuse)
+        if fused_lora:
+            with steps(f"Adding {len(specs)} adapter(s) ({mode}, inside the layers' nodes)"):
+                layers_view = {
+                    path: {**layer_ops[path], "path": layer_path(graph.layers[path].node), "shape": list(qmodel.linears[path].shape)}
+                    for path in targets
+                }
+                adapter_export = apply_adapters(graph.model, {"model": {"dtype": dtype}, "layers": layers_view}, specs, mode, fused=True)
+            for path in targets:
+                layer_ops[path]["op"] = f"{DOMAIN}.{LORA_OP_TYPE}"
+        if adapter_export is not None:
+            adapter_manifest = adapter_export.manifest
         if head is not None:  # not a layer of the source: the manifest describes it under model.lm_head
             head_op = layer_ops.pop(HEAD_PATH)
             shared = config.tie_word_embeddings and head_op["op"] != HQQ_OP  # lowered: MatMulNBits tables
@@ -279,6 +295,16 @@ def _check_all_lowerable(qmodel: QuantizedModel) -> None:
         )
         if blocker is not None:
             raise HQExportError(f"--ops ort: layer {path} ({layer.fmt.label}) cannot run as MatMulNBits: {blocker}")
+
+
+def _lora_fuses(qmodel: QuantizedModel, specs: Sequence[AdapterSpec], targets: set[str]) -> bool:
+    """Whether the adapters can live inside the target layers' HQQMatMulNBits nodes: no DoRA, every target lowerable."""
+    if any(spec.use_dora for spec in specs):
+        return False
+    return all(
+        matmulnbits_blocker(bits=storage_bits(layer.fmt), group_size=layer.fmt.group_size, axis=layer.fmt.axis, in_features=layer.in_features) is None
+        for layer in (qmodel.linears[path] for path in targets)
+    )
 
 
 def _layer_entry(node: LayerNode) -> dict[str, Any]:

@@ -95,12 +95,15 @@ def test_validate_passes_on_converted_model(exported, tmp_path):
 
 def test_validate_passes_on_the_default_cli_export(source, lora_adapter, tmp_path):
     """The CLI's defaults: --ops auto (one HQQMatMulNBits node per layer here: hqq's zeros need the correction) and
-    a separate adapter."""
+    a separate adapter, inside the target layers' nodes (HQQMatMulNBitsLoRA)."""
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["convert", str(source), "-o", str(out), "--adapter", f"{ADAPTER}={lora_adapter}"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "hqexport.json").read_text())
-    assert {entry["op"] for entry in manifest["layers"].values()} == {"hqexport.HQQMatMulNBits"}
+    targets = set(manifest["adapters"][ADAPTER]["targets"])
+    ops = {path: entry["op"] for path, entry in manifest["layers"].items()}
+    assert targets and {ops[path] for path in targets} == {"hqexport.HQQMatMulNBitsLoRA"}
+    assert {op for path, op in ops.items() if path not in targets} == {"hqexport.HQQMatMulNBits"}
     assert (out / manifest["adapters"][ADAPTER]["file"]).is_file()
     report_file = tmp_path / "report.json"
     result = CliRunner().invoke(main, ["validate", str(out), "--adapter", "all", "--tokens", "8", "--json", str(report_file)])

@@ -1,7 +1,8 @@
 """The adapter stage of `convert` for an exported graph: `separate` and `bake` (merge happens before export).
 
-apply_adapters(model, manifest, adapters, mode, base_linears) -> AdapterExport: the graph with LoRA branches,
-the parameters of each adapters/NAME.onnx_adapter (separate), and the manifest's "adapters" section.
+apply_adapters(model, manifest, adapters, mode, base_linears, fused=...) -> AdapterExport: the graph with LoRA
+branches (graph.py) or with LoRA inside the layers' nodes (fused.py), the parameters of each
+adapters/NAME.onnx_adapter (separate), and the manifest's "adapters" section.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from hqexport.adapters.fused import fuse_lora, fused_groups, group_parameters, rank0_parameters
 from hqexport.adapters.graph import Branch, dora_scale_name, insert_lora_branches, lora_a_name, lora_b_name
 from hqexport.adapters.onnx_adapter import check_adapter_fits, write_adapter_file
 from hqexport.adapters.peft_config import AdapterSpec
@@ -77,6 +79,7 @@ def apply_adapters(
     base_linears: Mapping[str, QuantizedLinear] | None = None,
     *,
     fill_untouched: bool = True,
+    fused: bool = False,
 ) -> AdapterExport:
     """Add LoRA branches to `model` for `separate` or `bake` (an ir.Model is changed in place, a ModelProto copied).
 
@@ -84,6 +87,8 @@ def apply_adapters(
     base_linears: the source's HQQ layers, needed only for DoRA (its factor uses the dequantized weight).
     fill_untouched: in separate mode each adapter file also holds rank-0 factors for the branches it does not
     use, so activating it alone always means exactly that adapter (at the price of never combining adapters).
+    fused: LoRA inside the HQQMatMulNBits nodes (fused.py; the manifest's layers then name each node's "path");
+    otherwise a branch beside each target node (graph.py).
     """
     if mode not in ("separate", "bake"):
         raise HQExportError(f"--adapters {mode}: apply_adapters handles separate and bake (merge comes before export)")
@@ -97,6 +102,10 @@ def apply_adapters(
 
     dora_modules = {m for spec in adapters if spec.use_dora for m in spec.modules}
     modules = sorted({m for spec in adapters for m in spec.modules})
+    if fused:
+        if dora_modules:
+            raise HQExportError("DoRA adapters need LoRA branches; they do not fuse into the layers' nodes")
+        return _apply_fused(model, layers, adapters, mode, modules, dtype, fill_untouched)
     branches: dict[str, Branch] = {}
     for module in modules:
         n, k = layers[module]["shape"]
@@ -124,6 +133,38 @@ def apply_adapters(
                     params[lora_a_name(module)] = np.zeros((branch.in_features, 0), dtype)
                     params[lora_b_name(module)] = np.zeros((0, branch.out_features), dtype)
             check_adapter_fits(model, params, adapter_file(spec.name))
+            result.files[spec.name] = params
+            entry["file"] = adapter_file(spec.name)
+            entry["parameters"] = sorted(params)
+        result.manifest[spec.name] = entry
+    return result
+
+
+def _apply_fused(
+    model: ir.Model | onnx.ModelProto,
+    layers: Mapping[str, Mapping[str, Any]],
+    adapters: Sequence[AdapterSpec],
+    mode: str,
+    modules: Sequence[str],
+    dtype: np.dtype,
+    fill_untouched: bool,
+) -> AdapterExport:
+    """apply_adapters with LoRA inside the nodes: one pair of parameters per adapted node (fused.py)."""
+    groups = fused_groups(layers, modules)
+    graph_model = ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model
+    baked = None
+    if mode == "bake":
+        baked = {name: value for group in groups.values() for name, value in group_parameters(group, adapters[0], dtype).items()}
+    fuse_lora(graph_model, groups, dtype=dtype, baked=baked)
+    result = AdapterExport(model=ir.to_proto(graph_model) if isinstance(model, onnx.ModelProto) else graph_model, manifest={})
+    for spec in adapters:
+        entry = {**spec.summary(), "mode": mode}
+        if mode == "separate":
+            params: dict[str, np.ndarray] = {}
+            for group in groups.values():
+                values = group_parameters(group, spec, dtype)
+                params.update(values if values is not None else rank0_parameters(group, dtype) if fill_untouched else {})
+            check_adapter_fits(result.model, params, adapter_file(spec.name))
             result.files[spec.name] = params
             entry["file"] = adapter_file(spec.name)
             entry["parameters"] = sorted(params)

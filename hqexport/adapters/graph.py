@@ -85,7 +85,7 @@ def insert_lora_branches(
     return model
 
 
-def _parameter(graph: ir.Graph, name: str, value: np.ndarray, shape: list[int | str] | None) -> ir.Value:
+def add_parameter(graph: ir.Graph, name: str, value: np.ndarray, shape: list[int | str] | None) -> ir.Value:
     """An initializer; with `shape` also a graph input of that (symbolic) shape, i.e. overridable."""
     tensor = ir.tensor(value, name=name)
     declared = ir.Shape(shape if shape is not None else list(value.shape))
@@ -102,15 +102,15 @@ def _add_branch(
     module, k, n = branch.module, branch.in_features, branch.out_features
     rank = f"lora_r_{module}"
     if overridable:
-        lora_a = _parameter(graph, lora_a_name(module), np.zeros((k, 0), dtype), [k, rank])
-        lora_b = _parameter(graph, lora_b_name(module), np.zeros((0, n), dtype), [rank, n])
-        factor = _parameter(graph, dora_scale_name(module), np.ones((n,), dtype), [n]) if branch.dora else None
+        lora_a = add_parameter(graph, lora_a_name(module), np.zeros((k, 0), dtype), [k, rank])
+        lora_b = add_parameter(graph, lora_b_name(module), np.zeros((0, n), dtype), [rank, n])
+        factor = add_parameter(graph, dora_scale_name(module), np.ones((n,), dtype), [n]) if branch.dora else None
     else:
         if branch.lora_a_t is None or branch.lora_b_t is None or (branch.dora and branch.dora_scale is None):
             raise ValueError(f"bake mode needs the LoRA values of {module}")
-        lora_a = _parameter(graph, lora_a_name(module), branch.lora_a_t.astype(dtype), None)
-        lora_b = _parameter(graph, lora_b_name(module), branch.lora_b_t.astype(dtype), None)
-        factor = _parameter(graph, dora_scale_name(module), branch.dora_scale.astype(dtype), None) if branch.dora else None
+        lora_a = add_parameter(graph, lora_a_name(module), branch.lora_a_t.astype(dtype), None)
+        lora_b = add_parameter(graph, lora_b_name(module), branch.lora_b_t.astype(dtype), None)
+        factor = add_parameter(graph, dora_scale_name(module), branch.dora_scale.astype(dtype), None) if branch.dora else None
 
     y_base = _layer_output(graph, node, layer)
     uses = list(y_base.uses())
@@ -126,7 +126,7 @@ def _add_branch(
     new.append(op("MatMul", [new[-1].outputs[0], lora_b], "MatMul_B"))
     up = new[-1].outputs[0]
     if factor is not None:
-        one = _parameter(graph, f"{prefix}/one", np.ones((), dtype), None)
+        one = add_parameter(graph, f"{prefix}/one", np.ones((), dtype), None)
         no_bias = y_base
         bias = (layer.get("initializers") or {}).get("bias")
         if bias:
@@ -166,4 +166,4 @@ def _layer_bias(graph: ir.Graph, bias: ir.Value, layer: Mapping[str, Any], prefi
     rows = layer.get("rows")
     if not rows:
         return bias
-    return _parameter(graph, f"{prefix}/bias", bias.const_value.numpy()[rows[0] : rows[1]], None)
+    return add_parameter(graph, f"{prefix}/bias", bias.const_value.numpy()[rows[0] : rows[1]], None)

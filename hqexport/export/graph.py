@@ -40,6 +40,11 @@ def node_name(layer_path: str) -> str:
     return f"{layer_path}/{OP_TYPE}"
 
 
+def layer_path(node: str) -> str:
+    """The module path a node_name was made from (a packed node's: e.g. model.layers.0.mlp.gate_up_proj)."""
+    return node.removesuffix(f"/{OP_TYPE}")
+
+
 def block_output_name(index: int) -> str:
     """The residual stream after decoder layer `index` (the output validate compares per block)."""
     return f"model.layers.{index}.output"

@@ -18,10 +18,22 @@ constant-fold into fp32 weights); a session with the library runs one compiled k
     zero_correction  [K / block_size, N]       float   (zr - z) * s
 
 Attributes K, N, bits (2, 4 or 8: the container), block_size, as MatMulNBits' (accuracy level 0: exact).
+
+hqexport::HQQMatMulNBitsLoRA is the same layer with a LoRA branch in the node (adapters/fused.py), so that an
+adapter costs no extra nodes and an inactive one (rank 0) no work. Two more inputs, graph inputs an adapter file
+overrides, stored [out, in] like B so that the kernel reads contiguous rows:
+
+    lora_A           [S * r, K]                float   the S segments' A factors, stacked
+    lora_B           [sum of widths, r]        float   their B factors (PEFT's scaling folded in), stacked
+
+and attribute lora_columns = [start_0, stop_0, ..., start_S-1, stop_S-1]: segment s adds
+(A @ lora_A[s r : (s + 1) r]^T) @ lora_B[its rows]^T to output columns [start_s, stop_s) (one segment per
+adapted layer of a packed node).
 """
 
 from __future__ import annotations
 
+import onnx
 from onnx import FunctionProto, helper
 from onnx.defs import OpSchema
 
@@ -30,50 +42,147 @@ from hqexport.ops.schema import DOMAIN, MS_DOMAIN, SINCE_VERSION
 OP_TYPE = "HQQMatMulNBits"
 INPUTS = ("A", "B", "scales", "zero_points", "group_sum", "zero_correction")
 ATTRIBUTES = ("K", "N", "bits", "block_size")
+LORA_OP_TYPE = "HQQMatMulNBitsLoRA"
+LORA_INPUTS = (*INPUTS, "lora_A", "lora_B")
+LORA_COLUMNS = "lora_columns"
+
+_DOC = {
+    "A": "activations [..., K]",
+    "B": "MatMulNBits codes [N, K / block_size, block_size * bits / 8]",
+    "scales": "per block [N * K / block_size]",
+    "zero_points": "integer parts of HQQ's zeros, packed like MatMulNBits' uint8 zero points",
+    "group_sum": "[K, K / block_size] 0/1: sums A over each block",
+    "zero_correction": "[K / block_size, N]: (zero_points - zero) * scales",
+    "lora_A": "[segments * rank, K]: the segments' LoRA A factors",
+    "lora_B": "[sum of the segments' widths, rank]: their B factors, scaling folded in",
+}
+_TYPES = {"A": "T1", "B": "T2", "scales": "T1", "zero_points": "T2", "group_sum": "T1", "zero_correction": "T1", "lora_A": "T1", "lora_B": "T1"}
+
+
+def _schema(op_type: str, inputs: tuple[str, ...], doc: str, lora: bool) -> OpSchema:
+    attributes = [OpSchema.Attribute(name, OpSchema.AttrType.INT, f"MatMulNBits' {name}", required=True) for name in ATTRIBUTES]
+    if lora:
+        attributes.append(OpSchema.Attribute(LORA_COLUMNS, OpSchema.AttrType.INTS, "[start, stop) output columns per segment", required=True))
+    return OpSchema(
+        op_type,
+        DOMAIN,
+        SINCE_VERSION,
+        doc=doc,
+        inputs=[OpSchema.FormalParameter(name, _TYPES[name], _DOC[name]) for name in inputs],
+        outputs=[OpSchema.FormalParameter("Y", "T1", "output [..., N]")],
+        type_constraints=[("T1", ["tensor(float)"], "activation dtype"), ("T2", ["tensor(uint8)"], "packed codes")],
+        attributes=attributes,
+    )
 
 
 def build_schema() -> OpSchema:
-    doc = {
-        "A": "activations [..., K]",
-        "B": "MatMulNBits codes [N, K / block_size, block_size * bits / 8]",
-        "scales": "per block [N * K / block_size]",
-        "zero_points": "integer parts of HQQ's zeros, packed like MatMulNBits' uint8 zero points",
-        "group_sum": "[K, K / block_size] 0/1: sums A over each block",
-        "zero_correction": "[K / block_size, N]: (zero_points - zero) * scales",
-    }
-    types = {"A": "T1", "B": "T2", "scales": "T1", "zero_points": "T2", "group_sum": "T1", "zero_correction": "T1"}
-    return OpSchema(
-        OP_TYPE,
+    return _schema(OP_TYPE, INPUTS, "Y = MatMulNBits(A; B, scales, zero_points) + (A @ group_sum) @ zero_correction: HQQ's exact layer.", lora=False)
+
+
+def build_lora_schema() -> OpSchema:
+    return _schema(LORA_OP_TYPE, LORA_INPUTS, "HQQMatMulNBits plus a LoRA branch per segment of output columns.", lora=True)
+
+
+def _attribute_reference(attribute: str, name: str, kind: int) -> onnx.AttributeProto:
+    """`attribute` of a node in a function body, taken from the function's attribute `name`."""
+    reference = helper.make_attribute_ref(attribute, kind)
+    reference.ref_attr_name = name
+    return reference
+
+
+def _layer_nodes(output: str) -> list[onnx.NodeProto]:
+    """HQQMatMulNBits' expression (module docstring) in stock ops, written to `output`."""
+    matmul_nbits = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points"], ["quantized"], domain=MS_DOMAIN)
+    matmul_nbits.attribute.extend(_attribute_reference(name, name, helper.AttributeProto.INT) for name in ATTRIBUTES)
+    return [
+        matmul_nbits,
+        helper.make_node("MatMul", ["A", "group_sum"], ["block_sums"]),
+        helper.make_node("MatMul", ["block_sums", "zero_correction"], ["correction"]),
+        helper.make_node("Add", ["quantized", "correction"], [output]),
+    ]
+
+
+def _lora_nodes(base: str, output: str) -> list[onnx.NodeProto]:
+    """`output` = `base` + the LoRA branch of HQQMatMulNBitsLoRA (module docstring) in stock ops.
+
+    Each lora_B row c belongs to a segment seg[c] and lands in output column col[c]; both come from lora_columns
+    (constants onnxruntime folds). Per row: v[..., c] = T[..., seg[c], :] . lora_B[c] with T = A @ lora_A^T viewed
+    [..., S, r]; then v @ place scatters the rows into their columns (place[c, n] = 1 where n = col[c]).
+    """
+    def node(op_type: str, inputs: list[str], output: str, **attributes) -> onnx.NodeProto:
+        return helper.make_node(op_type, inputs, [output], **attributes)
+
+    columns = helper.make_node("Constant", [], ["lora.columns"])
+    columns.attribute.append(_attribute_reference("value_ints", LORA_COLUMNS, helper.AttributeProto.INTS))
+    n_columns = helper.make_node("Constant", [], ["lora.n"])
+    n_columns.attribute.append(_attribute_reference("value_int", "N", helper.AttributeProto.INT))
+    int64 = onnx.TensorProto.INT64
+    return [
+        node("Constant", [], "lora.0", value_int=0),
+        node("Constant", [], "lora.1", value_int=1),
+        node("Constant", [], "lora.axis0", value_ints=[0]),
+        node("Constant", [], "lora.axis1", value_ints=[1]),
+        node("Constant", [], "lora.last", value_ints=[-1]),
+        node("Constant", [], "lora.pair", value_ints=[-1, 2]),
+        columns,
+        n_columns,
+        node("Reshape", ["lora.columns", "lora.pair"], "lora.pairs"),
+        node("Gather", ["lora.pairs", "lora.0"], "lora.starts", axis=1),
+        node("Gather", ["lora.pairs", "lora.1"], "lora.stops", axis=1),
+        node("Sub", ["lora.stops", "lora.starts"], "lora.widths"),
+        node("CumSum", ["lora.widths", "lora.0"], "lora.ends"),
+        node("Sub", ["lora.ends", "lora.widths"], "lora.firsts"),
+        node("ReduceSum", ["lora.widths"], "lora.total", keepdims=0),
+        node("Range", ["lora.0", "lora.total", "lora.1"], "lora.rows"),
+        node("Unsqueeze", ["lora.rows", "lora.axis1"], "lora.rows_col"),
+        node("Unsqueeze", ["lora.ends", "lora.axis0"], "lora.ends_row"),
+        node("GreaterOrEqual", ["lora.rows_col", "lora.ends_row"], "lora.past"),
+        node("Cast", ["lora.past"], "lora.past_count", to=int64),
+        node("ReduceSum", ["lora.past_count", "lora.axis1"], "lora.seg", keepdims=0),
+        node("Gather", ["lora.starts", "lora.seg"], "lora.row_start"),
+        node("Gather", ["lora.firsts", "lora.seg"], "lora.row_first"),
+        node("Sub", ["lora.rows", "lora.row_first"], "lora.row_offset"),
+        node("Add", ["lora.row_start", "lora.row_offset"], "lora.col"),
+        node("Range", ["lora.0", "lora.n", "lora.1"], "lora.outputs"),
+        node("Unsqueeze", ["lora.col", "lora.axis1"], "lora.col_col"),
+        node("Unsqueeze", ["lora.outputs", "lora.axis0"], "lora.outputs_row"),
+        node("Equal", ["lora.col_col", "lora.outputs_row"], "lora.hit"),
+        node("Cast", ["lora.hit"], "lora.place", to=onnx.TensorProto.FLOAT),
+        node("Transpose", ["lora_A"], "lora.a_t"),
+        node("MatMul", ["A", "lora.a_t"], "lora.t"),
+        node("Shape", ["lora.t"], "lora.lead", end=-1),
+        node("Shape", ["lora.starts"], "lora.segments"),
+        node("Shape", ["lora_B"], "lora.rank", start=1),
+        node("Concat", ["lora.lead", "lora.segments", "lora.rank"], "lora.t_shape", axis=0),
+        node("Reshape", ["lora.t", "lora.t_shape"], "lora.t_segments", allowzero=1),  # rank 0 is a size, not "keep"
+        node("Gather", ["lora.t_segments", "lora.seg"], "lora.t_rows", axis=-2),
+        node("Mul", ["lora.t_rows", "lora_B"], "lora.products"),
+        node("ReduceSum", ["lora.products", "lora.last"], "lora.v", keepdims=0),
+        node("MatMul", ["lora.v", "lora.place"], "lora.update"),
+        node("Add", [base, "lora.update"], output),
+    ]
+
+
+def _function(op_type: str, inputs: tuple[str, ...], nodes: list[onnx.NodeProto], attributes: list[str], opset: int, doc: str) -> FunctionProto:
+    return helper.make_function(
         DOMAIN,
-        SINCE_VERSION,
-        doc="Y = MatMulNBits(A; B, scales, zero_points) + (A @ group_sum) @ zero_correction: HQQ's exact layer.",
-        inputs=[OpSchema.FormalParameter(name, types[name], doc[name]) for name in INPUTS],
-        outputs=[OpSchema.FormalParameter("Y", "T1", "output [..., N]")],
-        type_constraints=[("T1", ["tensor(float)"], "activation dtype"), ("T2", ["tensor(uint8)"], "packed codes")],
-        attributes=[OpSchema.Attribute(name, OpSchema.AttrType.INT, f"MatMulNBits' {name}", required=True) for name in ATTRIBUTES],
+        op_type,
+        inputs=list(inputs),
+        outputs=["Y"],
+        nodes=nodes,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
+        attributes=attributes,
+        doc_string=doc,
     )
 
 
 def hqq_matmul_nbits_function(opset: int) -> FunctionProto:
     """The model-local function: the stock-op expression of the module docstring."""
-    matmul_nbits = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points"], ["quantized"], domain=MS_DOMAIN)
-    for name in ATTRIBUTES:
-        reference = helper.make_attribute_ref(name, helper.AttributeProto.INT)
-        reference.ref_attr_name = name
-        matmul_nbits.attribute.append(reference)
-    nodes = [
-        matmul_nbits,
-        helper.make_node("MatMul", ["A", "group_sum"], ["block_sums"]),
-        helper.make_node("MatMul", ["block_sums", "zero_correction"], ["correction"]),
-        helper.make_node("Add", ["quantized", "correction"], ["Y"]),
-    ]
-    return helper.make_function(
-        DOMAIN,
-        OP_TYPE,
-        inputs=list(INPUTS),
-        outputs=["Y"],
-        nodes=nodes,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
-        attributes=list(ATTRIBUTES),
-        doc_string="hqexport::HQQMatMulNBits body: MatMulNBits with uint8 zero points plus the zero-point correction",
-    )
+    doc = "hqexport::HQQMatMulNBits body: MatMulNBits with uint8 zero points plus the zero-point correction"
+    return _function(OP_TYPE, INPUTS, _layer_nodes("Y"), list(ATTRIBUTES), opset, doc)
+
+
+def hqq_matmul_nbits_lora_function(opset: int) -> FunctionProto:
+    """HQQMatMulNBitsLoRA's function: HQQMatMulNBits' body plus the LoRA branch (slow, but folds nothing to fp32)."""
+    doc = "hqexport::HQQMatMulNBitsLoRA body: HQQMatMulNBits' plus a LoRA branch per segment of output columns"
+    return _function(LORA_OP_TYPE, LORA_INPUTS, _layer_nodes("base") + _lora_nodes("base", "Y"), [*ATTRIBUTES, LORA_COLUMNS], opset, doc)

@@ -1,4 +1,4 @@
-"""The onnx schema of hqexport::HQQMatMul (docs/ops.md); register_schema also registers HQQMatMulNBits' (ops/nbits.py).
+"""The onnx schema of hqexport::HQQMatMul (docs/ops.md); register_schema also registers HQQMatMulNBits' and HQQMatMulNBitsLoRA's (ops/nbits.py).
 
 onnx refuses to build, check or infer shapes for a node whose op it does not know, and onnxscript (hence
 torch.onnx's custom translation) looks ops up by schema; `register_schema()` must run before either.
@@ -56,9 +56,9 @@ def _build_schema() -> OpSchema:
 
 
 def register_schema() -> None:
-    """Register the schemas of hqexport's ops (HQQMatMul, HQQMatMulNBits) with onnx.defs once per process."""
+    """Register the schemas of hqexport's ops (HQQMatMul, HQQMatMulNBits[LoRA]) with onnx.defs once per process."""
     from hqexport.ops import nbits  # it builds on this module's constants
 
-    for op_type, build in ((OP_TYPE, _build_schema), (nbits.OP_TYPE, nbits.build_schema)):
+    for op_type, build in ((OP_TYPE, _build_schema), (nbits.OP_TYPE, nbits.build_schema), (nbits.LORA_OP_TYPE, nbits.build_lora_schema)):
         if not onnx.defs.has(op_type, DOMAIN):
             onnx.defs.register_schema(build())

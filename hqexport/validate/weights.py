@@ -5,7 +5,7 @@ One decoder per op the export may emit, keyed like the manifest's `layers[...].o
 - `hqexport.HQQMatMul`: canonical codes, scale and zero in the compute dtype; decoded with
   `hqexport.ops.reference.dequantize_canonical` (the op's numpy reference) and compared with hqq's
   `HQQLinear.dequantize()` **exactly** (same dtype, array_equal).
-- `com.microsoft.MatMulNBits` and `hqexport.HQQMatMulNBits` (lowered layers, docs/ops.md): codes in MatMulNBits'
+- `com.microsoft.MatMulNBits` and `hqexport.HQQMatMulNBits[LoRA]` (lowered layers, docs/ops.md): codes in MatMulNBits'
   B, uint8 zero points and scales in the activation dtype, plus the optional `zero_correction` per group (the
   fused op's sixth input; a separate correction MatMul's otherwise). The implied weight
   (q - zp) * s + corr is evaluated in float64; it cannot be bit-identical to hqq's (one rounding more), so it
@@ -28,7 +28,8 @@ from hqexport.validate.exported import Exported
 HQQ_OP = "hqexport.HQQMatMul"
 NBITS_OP = "com.microsoft.MatMulNBits"
 FUSED_NBITS_OP = "hqexport.HQQMatMulNBits"
-_NBITS_OP_TYPES = ("MatMulNBits", "HQQMatMulNBits")
+LORA_NBITS_OP = "hqexport.HQQMatMulNBitsLoRA"  # the same codes, with adapters inside the node
+_NBITS_OP_TYPES = ("MatMulNBits", "HQQMatMulNBits", "HQQMatMulNBitsLoRA")
 
 
 @dataclass
@@ -123,7 +124,7 @@ def _rows(weight: np.ndarray, entry: dict) -> np.ndarray:
 
 
 DECODERS: dict[str, Callable[[Exported, str, dict, dict], DecodedWeight]] = {
-    HQQ_OP: _hqq, NBITS_OP: _matmulnbits, FUSED_NBITS_OP: _matmulnbits,
+    HQQ_OP: _hqq, NBITS_OP: _matmulnbits, FUSED_NBITS_OP: _matmulnbits, LORA_NBITS_OP: _matmulnbits,
 }
 
 

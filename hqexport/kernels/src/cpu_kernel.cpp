@@ -8,6 +8,7 @@
 // buffer and multiplies it with A. Dequantized values are bit-identical to the reference (hqexport/ops/reference.py):
 // fp16/bf16 arithmetic is one float operation rounded to the dtype, which equals the dtype's own correctly rounded
 // operation because float has more than 2p+2 significand bits (p = 11 for fp16, 8 for bf16).
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -550,6 +551,87 @@ bool with_zeros(const Problem& p, const Runner& runner) {
   return ok;
 }
 
+// ---- LoRA (HQQMatMulNBitsLoRA): Y[:, columns of s] += (A @ lora_A_s^T) @ lora_B_s^T, fp32 ----
+//
+// Two products with a rank-sized middle: T = A @ lora_A^T [M, segments * rank], then each lora_B row (one output
+// column) dotted with its segment's part of T. Below 4 rows of A both are dot products over contiguous rows (the
+// factors are stored [out, in] like W for that reason); from 4 rows on both run as the panel GEMM above, its
+// "dequantization" a copy of fp32 rows.
+
+constexpr int64_t kLoraRowsA = 16;  // rows of lora_A per task (M < 4)
+constexpr int64_t kLoraRowsB = 64;  // rows of lora_B per task (M < 4)
+
+// W[n, k0 .. k0+len] of an fp32 matrix [N, K] held in p.W.
+void copy_segment(const Problem& p, int64_t n, int64_t k0, int64_t len, float* out) {
+  std::memcpy(out, static_cast<const float*>(p.W) + n * p.K + k0, static_cast<size_t>(len) * sizeof(float));
+}
+
+struct LoraJob {
+  const Problem* p;
+  float* T;  // [M, segments * rank]
+};
+
+void lora_a_task(void* data, size_t task) {
+  const LoraJob& job = *static_cast<const LoraJob*>(data);
+  const Problem& p = *job.p;
+  const int64_t R = p.lora_segments * p.lora_rank;
+  const float* A = static_cast<const float*>(p.A);
+  const int64_t end = min64(R, static_cast<int64_t>(task + 1) * kLoraRowsA);
+  for (int64_t j = static_cast<int64_t>(task) * kLoraRowsA; j < end; ++j) {
+    for (int64_t m = 0; m < p.M; ++m) job.T[m * R + j] = dot(A + m * p.K, p.lora_A + j * p.K, p.K);
+  }
+}
+
+void lora_b_task(void* data, size_t task) {
+  const LoraJob& job = *static_cast<const LoraJob*>(data);
+  const Problem& p = *job.p;
+  const int64_t r = p.lora_rank, R = p.lora_segments * r;
+  float* Y = static_cast<float*>(p.Y);
+  int64_t c = static_cast<int64_t>(task) * kLoraRowsB;
+  const int64_t end = c + kLoraRowsB;
+  int64_t first = 0;  // lora_B row of segment s's first column
+  for (int64_t s = 0; s < p.lora_segments && c < end; ++s) {
+    const int64_t start = p.lora_columns[2 * s], width = p.lora_columns[2 * s + 1] - start;
+    for (; c < end && c < first + width; ++c) {
+      const int64_t n = start + c - first;
+      for (int64_t m = 0; m < p.M; ++m) Y[m * p.N + n] += dot(job.T + m * R + s * r, p.lora_B + c * r, r);
+    }
+    first += width;
+  }
+}
+
+// From 4 rows of A: T by the panel GEMM, then per segment T_s @ lora_B_s^T into a scratch block added to Y.
+bool lora_gemm(const Problem& p, float* T, const Runner& runner) {
+  const int64_t r = p.lora_rank, R = p.lora_segments * r;
+  Problem lora_a = p;
+  lora_a.N = R;
+  lora_a.W = p.lora_A;
+  if (!gemm(lora_a, &copy_segment, static_cast<const float*>(p.A), T, runner)) return false;
+  int64_t widest = 0;
+  for (int64_t s = 0; s < p.lora_segments; ++s) widest = std::max(widest, p.lora_columns[2 * s + 1] - p.lora_columns[2 * s]);
+  float* ts = static_cast<float*>(std::malloc(static_cast<size_t>(p.M * r) * sizeof(float)));
+  float* up = static_cast<float*>(std::malloc(static_cast<size_t>(p.M * widest) * sizeof(float)));
+  bool ok = ts != nullptr && up != nullptr;
+  float* Y = static_cast<float*>(p.Y);
+  int64_t first = 0;
+  for (int64_t s = 0; ok && s < p.lora_segments; ++s) {
+    const int64_t start = p.lora_columns[2 * s], width = p.lora_columns[2 * s + 1] - start;
+    for (int64_t m = 0; m < p.M; ++m) std::memcpy(ts + m * r, T + m * R + s * r, static_cast<size_t>(r) * sizeof(float));
+    Problem lora_b = p;
+    lora_b.N = width;
+    lora_b.K = r;
+    lora_b.W = p.lora_B + first * r;
+    ok = gemm(lora_b, &copy_segment, ts, up, runner);
+    for (int64_t m = 0; ok && m < p.M; ++m) {
+      for (int64_t j = 0; j < width; ++j) Y[m * p.N + start + j] += up[m * width + j];
+    }
+    first += width;
+  }
+  std::free(ts);
+  std::free(up);
+  return ok;
+}
+
 }  // namespace
 
 bool matmul(const Problem& p, const Runner& runner) {
@@ -592,6 +674,25 @@ bool matmul(const Problem& p, const Runner& runner) {
   }
   std::free(a_float);
   std::free(y_float);
+  return ok;
+}
+
+bool lora_add(const Problem& p, const Runner& runner) {
+  const int64_t R = p.lora_segments * p.lora_rank;
+  if (R == 0 || p.M == 0) return true;
+  float* T = static_cast<float*>(std::malloc(static_cast<size_t>(p.M * R) * sizeof(float)));
+  if (T == nullptr) return false;
+  LoraJob job{&p, T};
+  bool ok = true;
+  if (p.M < 4) {
+    runner.parallel_for(runner.ctx, &lora_a_task, static_cast<size_t>((R + kLoraRowsA - 1) / kLoraRowsA), &job);
+    int64_t columns = 0;
+    for (int64_t s = 0; s < p.lora_segments; ++s) columns += p.lora_columns[2 * s + 1] - p.lora_columns[2 * s];
+    runner.parallel_for(runner.ctx, &lora_b_task, static_cast<size_t>((columns + kLoraRowsB - 1) / kLoraRowsB), &job);
+  } else {
+    ok = lora_gemm(p, T, runner);
+  }
+  std::free(T);
   return ok;
 }
 

@@ -1,7 +1,8 @@
-// onnxruntime custom-op library for hqexport::HQQMatMul and hqexport::HQQMatMulNBits (docs/kernels.md).
+// onnxruntime custom-op library for hqexport::HQQMatMul, HQQMatMulNBits and HQQMatMulNBitsLoRA (docs/kernels.md).
 //
 // RegisterCustomOps adds domain "hqexport" with op HQQMatMul for CPUExecutionProvider (and CUDAExecutionProvider
-// when built with HQEXPORT_WITH_CUDA), and HQQMatMulNBits (fp32, ops/nbits.py) for CPUExecutionProvider. HQQMatMul
+// when built with HQEXPORT_WITH_CUDA), and HQQMatMulNBits and HQQMatMulNBitsLoRA (fp32, ops/nbits.py) for
+// CPUExecutionProvider. HQQMatMul
 // gets two overloads per EP, A fp32 and A fp16, so onnxruntime can infer the output type; the other inputs are left
 // untyped and checked here. Every problem with a node (attributes, dtypes, shapes) comes back as an error status,
 // never an exception across the C boundary.
@@ -34,6 +35,7 @@ constexpr const char* kDomain = "hqexport";
 
 struct Attrs {
   int64_t N = 0, K = 0, bits = 0, group_size = 0, axis = 1;
+  std::vector<int64_t> lora_columns;  // HQQMatMulNBitsLoRA: [start, stop) of each segment's output columns
 };
 
 OrtStatusPtr error(const char* op_type, const std::string& node, const std::string& message) {
@@ -167,12 +169,10 @@ std::string check_nbits_meta(Ort::ConstValue scales, Ort::ConstValue zero_points
   return "";
 }
 
-// HQQMatMulNBits (ops/nbits.py): the same checks for (A, B, scales, zero_points, group_sum, zero_correction), fp32.
-std::string describe_nbits(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
-  const size_t count = ctx.GetInputCount();
-  if (count != 6) return "expects 6 inputs, got " + std::to_string(count);
-  for (size_t i = 0; i < count; ++i) {
-    if (ctx.GetInput(i) == nullptr) return "A, B, scales, zero_points, group_sum and zero_correction are required";
+// The inputs HQQMatMulNBits and HQQMatMulNBitsLoRA share, 0 to 5.
+std::string describe_nbits_inputs(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
+  for (size_t i = 0; i < ctx.GetInputCount(); ++i) {
+    if (ctx.GetInput(i) == nullptr) return "every input is required (A, B, scales, zero_points, group_sum, zero_correction[, lora_A, lora_B])";
   }
   const std::string activations = describe_activations(ctx.GetInput(0), a, p, y_shape);
   if (!activations.empty()) return activations;
@@ -199,6 +199,39 @@ std::string describe_nbits(Ort::KernelContext& ctx, const Attrs& a, Problem& p, 
   return "";
 }
 
+// HQQMatMulNBits (ops/nbits.py): the same checks for (A, B, scales, zero_points, group_sum, zero_correction), fp32.
+std::string describe_nbits(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
+  const size_t count = ctx.GetInputCount();
+  if (count != 6) return "expects 6 inputs, got " + std::to_string(count);
+  return describe_nbits_inputs(ctx, a, p, y_shape);
+}
+
+// HQQMatMulNBitsLoRA: HQQMatMulNBits' inputs, then lora_A [segments * r, K] and lora_B [sum of widths, r], fp32.
+std::string describe_nbits_lora(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
+  const size_t count = ctx.GetInputCount();
+  if (count != 8) return "expects 8 inputs, got " + std::to_string(count);
+  const std::string message = describe_nbits_inputs(ctx, a, p, y_shape);
+  if (!message.empty()) return message;
+  const int64_t segments = static_cast<int64_t>(a.lora_columns.size() / 2);
+  int64_t columns = 0;
+  for (int64_t s = 0; s < segments; ++s) columns += a.lora_columns[2 * s + 1] - a.lora_columns[2 * s];
+  const auto a_shape = ctx.GetInput(6).GetTensorTypeAndShapeInfo().GetShape();
+  if (a_shape.size() != 2 || a_shape[0] % segments != 0) {
+    return "lora_A of shape " + shape_text(a_shape) + " is not [" + std::to_string(segments) + " * rank, K]";
+  }
+  const int64_t rank = a_shape[0] / segments;
+  for (const std::string& error : {check_input(ctx.GetInput(6), "lora_A", kF32, "float", {segments * rank, a.K}),
+                                   check_input(ctx.GetInput(7), "lora_B", kF32, "float", {columns, rank})}) {
+    if (!error.empty()) return error;
+  }
+  p.lora_A = static_cast<const float*>(ctx.GetInput(6).GetTensorRawData());
+  p.lora_B = static_cast<const float*>(ctx.GetInput(7).GetTensorRawData());
+  p.lora_columns = a.lora_columns.data();
+  p.lora_segments = segments;
+  p.lora_rank = rank;
+  return "";
+}
+
 std::string check_nbits_attrs(const Attrs& a) {
   if (a.N <= 0 || a.K <= 0) return "N and K must be positive";
   if (a.bits != 2 && a.bits != 4 && a.bits != 8) return "bits must be 2, 4 or 8, got " + std::to_string(a.bits);
@@ -208,7 +241,21 @@ std::string check_nbits_attrs(const Attrs& a) {
   return "";
 }
 
-// What distinguishes the two ops: name, attributes (onnx name -> Attrs field), checks, inputs.
+std::string check_nbits_lora_attrs(const Attrs& a) {
+  const std::string nbits = check_nbits_attrs(a);
+  if (!nbits.empty()) return nbits;
+  const auto& columns = a.lora_columns;
+  if (columns.empty() || columns.size() % 2 != 0) return "lora_columns must hold [start, stop) pairs";
+  for (size_t i = 0; i < columns.size(); i += 2) {
+    const int64_t floor = i == 0 ? 0 : columns[i - 1];
+    if (columns[i] < floor || columns[i + 1] <= columns[i] || columns[i + 1] > a.N) {
+      return "lora_columns must be ascending, non-empty, disjoint ranges within N = " + std::to_string(a.N);
+    }
+  }
+  return "";
+}
+
+// What distinguishes the ops: name, attributes (onnx name -> Attrs field), checks, inputs.
 struct OpSpec {
   const char* op_type;
   std::vector<std::pair<const char*, int64_t Attrs::*>> attributes;
@@ -216,14 +263,18 @@ struct OpSpec {
   std::string (*describe)(Ort::KernelContext&, const Attrs&, Problem&, std::vector<int64_t>&);
   size_t inputs;
   size_t optional_from;  // inputs from this index on are optional
+  bool lora;             // reads the int list attribute lora_columns
 };
 
 const OpSpec kHqqSpec{"HQQMatMul",
                       {{"N", &Attrs::N}, {"K", &Attrs::K}, {"bits", &Attrs::bits}, {"group_size", &Attrs::group_size}, {"axis", &Attrs::axis}},
-                      &check_attrs, &describe_hqq, 5, 4};
+                      &check_attrs, &describe_hqq, 5, 4, false};
 const OpSpec kNbitsSpec{"HQQMatMulNBits",
                         {{"N", &Attrs::N}, {"K", &Attrs::K}, {"bits", &Attrs::bits}, {"block_size", &Attrs::group_size}},
-                        &check_nbits_attrs, &describe_nbits, 6, 6};
+                        &check_nbits_attrs, &describe_nbits, 6, 6, false};
+const OpSpec kNbitsLoraSpec{"HQQMatMulNBitsLoRA",
+                            {{"N", &Attrs::N}, {"K", &Attrs::K}, {"bits", &Attrs::bits}, {"block_size", &Attrs::group_size}},
+                            &check_nbits_lora_attrs, &describe_nbits_lora, 8, 8, true};
 
 bool cpu_has_avx2() {
 #if defined(__x86_64__)
@@ -298,7 +349,9 @@ struct CpuKernel {
       p.correction = nullptr;
     }
     const Runner runner{ctx.GetOrtKernelContext(), &ort_parallel_for};
-    const bool ok = cpu_has_avx2() ? avx2::matmul(p, runner) : baseline::matmul(p, runner);
+    const bool avx2 = cpu_has_avx2();
+    const bool ok = avx2 ? avx2::matmul(p, runner) && avx2::lora_add(p, runner)
+                         : baseline::matmul(p, runner) && baseline::lora_add(p, runner);
     return ok ? "" : "out of memory";
   }
 
@@ -339,11 +392,12 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
         }
         a.*field = value;
       }
+      if (spec_->lora) a.lora_columns = kinfo.GetAttributes<int64_t>("lora_columns");
       const std::string message = spec_->check(a);
       if (!message.empty()) return error(spec_->op_type, node, message);
       auto kernel = std::make_unique<Kernel>(Kernel{spec_, a, node});
       if constexpr (std::is_same_v<Kernel, CpuKernel>) {
-        if (spec_ == &kNbitsSpec) kernel->zeros = constant_zeros(kinfo, a);
+        if (spec_ != &kHqqSpec) kernel->zeros = constant_zeros(kinfo, a);
       }
       *out = kernel.release();
       return nullptr;
@@ -378,9 +432,11 @@ void add_hqq_ops(Ort::CustomOpDomain& domain) {
   domain.Add(&f16);
 }
 
-void add_nbits_op(Ort::CustomOpDomain& domain) {
-  static Op<CpuKernel> f32(kNbitsSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-  domain.Add(&f32);
+void add_nbits_ops(Ort::CustomOpDomain& domain) {
+  static Op<CpuKernel> nbits(kNbitsSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  static Op<CpuKernel> nbits_lora(kNbitsLoraSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  domain.Add(&nbits);
+  domain.Add(&nbits_lora);
 }
 
 // Domains must outlive every session that uses them: kept until the library is unloaded.
@@ -400,7 +456,7 @@ HQX_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   try {
     Ort::CustomOpDomain domain{hqx::kDomain};
     hqx::add_hqq_ops<hqx::CpuKernel>(domain);
-    hqx::add_nbits_op(domain);
+    hqx::add_nbits_ops(domain);
 #ifdef HQEXPORT_WITH_CUDA
     hqx::add_hqq_ops<hqx::CudaKernel>(domain);
 #endif

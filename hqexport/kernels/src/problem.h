@@ -31,6 +31,13 @@ struct Problem {
   const uint8_t* zero_points = nullptr;
   const float* correction = nullptr;
   int64_t zp_row_bytes = 0;
+  // hqexport::HQQMatMulNBitsLoRA (ops/nbits.py): a LoRA branch added to Y, scaling folded into lora_B. Segment s
+  // adds (A @ lora_A[s * rank : (s + 1) * rank]^T) @ lora_B[its rows]^T to the output columns [lora_columns[2 s],
+  // lora_columns[2 s + 1]); lora_B's rows follow the segments in order. lora_rank 0 (an inactive adapter): nothing.
+  const float* lora_A = nullptr;          // [lora_segments * lora_rank, K]
+  const float* lora_B = nullptr;          // [sum of the segments' widths, lora_rank]
+  const int64_t* lora_columns = nullptr;  // [2 * lora_segments]
+  int64_t lora_segments = 0, lora_rank = 0;
 };
 
 // Codes per word of W: 10 for bits 3 (uint32 words, bits 30-31 unused), else 8 / bits (uint8 words).
@@ -62,6 +69,7 @@ struct Runner {
 #define HQX_DECLARE_CPU(ns)                                              \
   namespace ns {                                                         \
   bool matmul(const Problem& p, const Runner& runner);                   \
+  bool lora_add(const Problem& p, const Runner& runner);                 \
   void dequantize(const Problem& p, float* out);                         \
   }
 HQX_DECLARE_CPU(baseline)
