@@ -176,6 +176,103 @@ def test_genai_sample_with_the_kernels_library(story, reference, tmp_path):
     assert json_lines(out)[0]["tokens"] == (tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
 
 
+@pytest.fixture(scope="module")
+def fused_export(story, tmp_path_factory) -> Path:
+    """The story's base and adapter converted with the defaults: the adapter inside the layers' kernel nodes."""
+    out = tmp_path_factory.mktemp("fused") / "out"
+    run(sys.executable, "-m", "hqexport.cli", "convert", story / "base", "-o", out, "--adapter", f"tuned={story / 'tuned'}")
+    ops = {layer["op"] for layer in json.loads((out / "hqexport.json").read_text())["layers"].values()}
+    assert "hqexport.HQQMatMulNBitsLoRA" in ops, ops
+    return out
+
+
+def test_genai_switches_adapters_inside_the_kernel_nodes(fused_export, reference):
+    """og.Adapters sets the fused nodes' LoRA inputs per request; the folder's kernels library runs them."""
+    eos = json.loads((fused_export / "genai_config.json").read_text())["model"]["eos_token_id"]
+    out = python("genai/generate_genai.py", fused_export, "--prompt", PROMPT, "--adapter", "tuned",
+                 "--adapter", "base", "--max-new-tokens", str(TOKENS), "--token-ids")
+    records = json_lines(out)
+
+    def until_eos(tokens: list[int]) -> list[int]:
+        return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+    assert records[0]["tokens"] == until_eos(reference["tuned"])
+    assert records[1]["tokens"] == until_eos(reference["base"])
+
+
+def test_cpp_sample_with_adapters_inside_the_kernel_nodes(fused_export, reference, cpp_program):
+    ids = ",".join(map(str, reference["prompt_ids"]))
+    library = fused_export / json.loads((fused_export / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["custom_ops_library"]
+    adapter = fused_export / "adapters" / "tuned.onnx_adapter"
+    for extra, expected in (((), reference["base"]), (("--adapter", adapter), reference["tuned"])):
+        for kernels in ((), ("--kernels", library)):  # the kernel, and the function body of stock onnxruntime
+            out = run(cpp_program, fused_export, "--ids", ids, "--tokens", str(TOKENS), *kernels, *extra)
+            assert [int(t) for t in out.split()] == expected, (extra, kernels)
+
+
+JS = SAMPLES / "js"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def node_modules() -> Path:
+    """samples/js's packages, installed by `npm ci` there (.ci/run does it)."""
+    if shutil.which("node") is None or not (JS / "node_modules" / "onnxruntime-web").is_dir():
+        pytest.fail("the JavaScript samples need Node.js and `npm ci` in samples/js (see samples/js/README.md)")
+    return JS / "node_modules"
+
+
+def test_node_sample_matches_the_reference(story, reference, node_modules):
+    out = run("node", JS / "generate.mjs", story / "separate", "--prompt", PROMPT, "--max-new-tokens", str(TOKENS),
+              "--ignore-eos", "--token-ids")
+    (record,) = json_lines(out)
+    assert record["prompt"] == reference["prompt_ids"]  # tokenizers.js reads tokenizer.json as the Rust tokenizer does
+    assert record["tokens"] == reference["base"]
+
+
+def test_node_sample_refuses_a_separate_adapter(story, node_modules):
+    done = subprocess.run(["node", JS / "generate.mjs", story / "separate", "--prompt", PROMPT, "--adapter", "tuned"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "cannot activate separate LoRA adapters" in done.stderr and "--adapters bake" in done.stderr
+    assert "this folder's separate adapters: tuned" in done.stderr
+
+
+def _in_chromium(folder: Path, **query: str) -> dict:
+    """The web sample's run over `folder` in headless Chromium: window.hqexportRun."""
+    if not CHROMIUM.is_file():
+        pytest.fail(f"the web sample test needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+    server = subprocess.Popen(["node", JS / "serve.mjs", folder, "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        url = server.stdout.readline().strip()
+        assert url.startswith("http://"), url
+        from urllib.parse import urlencode
+
+        out = run("node", JS / "browser_run.mjs", f"{url}?{urlencode({'autorun': 1, **query})}", "--chromium", CHROMIUM)
+    finally:
+        server.terminate()
+        server.wait()
+    return json_lines(out)[0]
+
+
+def test_web_sample_decodes_the_reference_tokens_in_chromium(story, reference, node_modules):
+    result = _in_chromium(story / "separate", prompt=PROMPT, tokens=str(TOKENS), ignore_eos="1", backend="wasm")
+    assert result["backend"] == "wasm"
+    assert result["promptIds"] == reference["prompt_ids"]
+    assert result["tokens"] == reference["base"]
+
+
+def test_web_sample_runs_a_baked_adapter_through_the_function_bodies(story, reference, node_modules, tmp_path):
+    """The default export baked: HQQMatMulNBitsLoRA nodes, which onnxruntime-web runs as their ONNX function body."""
+    out = tmp_path / "baked"
+    run(sys.executable, "-m", "hqexport.cli", "convert", story / "base", "-o", out, "--adapter", f"tuned={story / 'tuned'}",
+        "--adapters", "bake")
+    assert "hqexport.HQQMatMulNBitsLoRA" in {layer["op"] for layer in json.loads((out / "hqexport.json").read_text())["layers"].values()}
+    result = _in_chromium(out, prompt=PROMPT, tokens=str(TOKENS), ignore_eos="1")
+    assert result["backend"] == "wasm"  # "auto" in headless Chromium: no hardware WebGPU adapter
+    assert result["tokens"] == reference["tuned"]
+
+
 @pytest.mark.slow
 def test_finetune_story_every_adapter_mode(tmp_path):
     """The whole script as its README runs it (default --ops auto): each mode converts and validates."""
@@ -184,5 +281,8 @@ def test_finetune_story_every_adapter_mode(tmp_path):
         assert f"{mode:9} validate PASSED" in out, out
     merged = json.loads((tmp_path / "merge" / "hqexport.json").read_text())["adapters"]["tuned"]
     assert 0 <= merged["retained"] < 0.5, merged  # re-quantization erases most of a fine-tune of ~3% of |W|
-    layers = json.loads((tmp_path / "separate" / "hqexport.json").read_text())["layers"]
-    assert {layer["op"] for layer in layers.values()} == {"hqexport.HQQMatMulNBits"}
+    manifest = json.loads((tmp_path / "separate" / "hqexport.json").read_text())
+    targets = set(manifest["adapters"]["tuned"]["targets"])
+    ops = {path: layer["op"] for path, layer in manifest["layers"].items()}
+    assert {ops[path] for path in targets} == {"hqexport.HQQMatMulNBitsLoRA"}  # the adapter inside the kernel's node
+    assert {op for path, op in ops.items() if path not in targets} == {"hqexport.HQQMatMulNBits"}

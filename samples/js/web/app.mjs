@@ -1,0 +1,89 @@
+// The page's logic: load the folder, pick a backend, stream greedy tokens into #answer. The outcome of each run is
+// also left in window.hqexportRun ({status, backend, promptIds, tokens, text, msPerToken, error}) for tests.
+import { Tokenizer } from "@huggingface/tokenizers";
+import * as ort from "onnxruntime-web";
+
+import { checkAdapterRequest, describeFolder, generate } from "/decoder.mjs";
+
+const params = new URLSearchParams(location.search);
+const modelUrl = new URL(params.get("model") ?? "/model/", location.href);
+const $ = (id) => document.getElementById(id);
+window.hqexportRun = { status: "loading" };
+
+async function fetchJson(name) {
+  const response = await fetch(new URL(name, modelUrl));
+  if (!response.ok) throw new Error(`${new URL(name, modelUrl)}: HTTP ${response.status}`);
+  return response.json();
+}
+
+/**
+ * "webgpu" when asked for, or (auto) when the browser has a hardware WebGPU adapter; else "wasm". A fallback
+ * (software) adapter such as SwiftShader is slower than WASM and decoded other tokens than PyTorch in our tests.
+ */
+async function chooseBackend(requested) {
+  if (requested === "wasm") return "wasm";
+  const adapter = navigator.gpu ? await navigator.gpu.requestAdapter() : null;
+  if (requested === "webgpu") {
+    if (!adapter) throw new Error("backend=webgpu: this browser has no WebGPU adapter");
+    return "webgpu";
+  }
+  return adapter && !adapter.info?.isFallbackAdapter ? "webgpu" : "wasm";
+}
+
+async function load() {
+  const [genaiConfig, manifest, tokenizerJson, tokenizerConfig] = await Promise.all(
+    ["genai_config.json", "hqexport.json", "tokenizer.json", "tokenizer_config.json"].map(fetchJson),
+  );
+  const folder = describeFolder(genaiConfig, manifest);
+  checkAdapterRequest(folder, params.get("adapter"));
+  const backend = await chooseBackend(params.get("backend") ?? "auto");
+  ort.env.wasm.numThreads = Number(params.get("threads") ?? 0); // 0: onnxruntime's choice (1 without cross-origin isolation)
+  const externalData = "model.onnx.data" in (manifest.outputs ?? {})
+    ? [{ path: "model.onnx.data", data: new URL("model.onnx.data", modelUrl).href }]
+    : [];
+  const session = await ort.InferenceSession.create(new URL("model.onnx", modelUrl).href, {
+    executionProviders: backend === "webgpu" ? ["webgpu", "wasm"] : ["wasm"],
+    externalData,
+    logSeverityLevel: 3,
+  });
+  return { folder, backend, session, tokenizer: new Tokenizer(tokenizerJson, tokenizerConfig) };
+}
+
+async function run(loaded) {
+  const { folder, backend, session, tokenizer } = loaded;
+  const promptIds = tokenizer.encode($("prompt").value, { add_special_tokens: false }).ids;
+  const tokens = [];
+  const times = [];
+  window.hqexportRun = { status: "running", backend, promptIds, tokens };
+  $("answer").textContent = "";
+  let last = performance.now();
+  for await (const token of generate(ort, session, folder, promptIds, Number($("tokens").value), { stopAtEos: !params.has("ignore_eos") })) {
+    const now = performance.now();
+    times.push(now - last);
+    last = now;
+    tokens.push(token);
+    const text = tokenizer.decode(tokens);
+    if (!text.endsWith("\ufffd")) $("answer").textContent = text;
+  }
+  const decodeTimes = times.slice(1).sort((a, b) => a - b); // the first is the prompt's run
+  const msPerToken = decodeTimes.length ? decodeTimes[Math.floor(decodeTimes.length / 2)] : null;
+  const text = tokenizer.decode(tokens);
+  $("answer").textContent = text;
+  window.hqexportRun = { status: "done", backend, promptIds, tokens, text, prefillMs: times[0], msPerToken };
+  $("status").textContent = `${backend}: ${tokens.length} tokens` + (msPerToken ? `, ${msPerToken.toFixed(1)} ms per token` : "");
+}
+
+function fail(error) {
+  window.hqexportRun = { status: "error", error: String(error.message ?? error) };
+  $("status").textContent = `error: ${error.message ?? error}`;
+}
+
+if (params.has("prompt")) $("prompt").value = params.get("prompt");
+if (params.has("tokens")) $("tokens").value = params.get("tokens");
+load().then((loaded) => {
+  $("status").textContent = `ready (${loaded.backend})`;
+  window.hqexportRun = { status: "ready", backend: loaded.backend };
+  $("generate").disabled = false;
+  $("generate").onclick = () => run(loaded).catch(fail);
+  if (params.has("autorun")) return run(loaded);
+}).catch(fail);
