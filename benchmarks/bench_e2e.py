@@ -332,17 +332,19 @@ def graph_facts(folder: Path) -> dict:
     return {"nodes": len(model.graph.node), "nodes_per_layer": len(model.graph.node) / layers, "file_bytes": sum(p.stat().st_size for p in files)}
 
 
-def build(source: Path, work: Path, selected: list[str], group_size: int, reuse: bool) -> tuple[dict[str, Path | str], dict]:
-    """Build what the selected variants need: (variant -> folder, or why it is skipped; build facts per variant)."""
+def build(
+    source: Path, work: Path, selected: list[str], group_size: int, reuse: bool, variants: dict[str, tuple] = VARIANTS
+) -> tuple[dict[str, Path | str], dict]:
+    """Build what the selected `variants` need: (variant -> folder, or why it is skipped; build facts per variant)."""
     paths: dict[str, Path | str] = {}
     facts: dict[str, dict] = {}
     builder_options = {"-p fp32": (["-p", "fp32"], []), "-p int4": (["-p", "int4"], []),
                        "-p int4 acc1": (["-p", "int4"], ["accuracy_level=1", f"block_size={group_size}"])}
-    needs_hf = any(VARIANTS[v][1] and VARIANTS[v][1][0] == "builder" for v in selected)
+    needs_hf = any(variants[v][1] and variants[v][1][0] == "builder" for v in selected)
     if needs_hf:
         run_task({"task": "hf-folder", "source": str(source), "out": str(work / "hf")}, work, reuse)
     for variant in selected:
-        how = VARIANTS[variant][1]
+        how = variants[variant][1]
         out = work / variant
         if how is None:
             paths[variant] = source

@@ -81,7 +81,8 @@ def inspect(path: Path, as_json: bool) -> None:
     "adapter_mode",
     type=click.Choice(["separate", "bake", "merge"]),
     help="separate (default): hot-swappable adapters/NAME.onnx_adapter files; bake: the exact low-rank branch "
-    "inside the graph (one adapter); merge: dequantize + delta + hqq re-quantize (lossy, reports how much survived).",
+    "inside the graph (one adapter); merge: dequantize + delta + hqq re-quantize (lossy, reports how much survived). "
+    "With the kernels library, separate and bake put LoRA inside the layers' nodes: no cost while inactive.",
 )
 @click.option(
     "--ops",

@@ -2,7 +2,8 @@
 
 read -> adapters (merge re-quantizes before export) -> export (the decoder graph built from the config and the
 weights, export/graph.py) -> adapters (separate / bake add LoRA branches to the graph) -> lower (--ops:
-MatMulNBits where exact) -> write (model.onnx + data, adapters/*.onnx_adapter, tokenizer files, config.json,
+MatMulNBits where exact) -> adapters (instead of the branches, where every target became an HQQMatMulNBits node
+that the kernels library runs: LoRA inside those nodes, adapters/fused.py) -> write (model.onnx + data, adapters/*.onnx_adapter, tokenizer files, config.json,
 genai_config.json, hqexport.json) into a staging folder that becomes OUT only when complete. The weights are
 read from the source only as each one is written (every initializer is lazy, export/lazy.py).
 """
@@ -39,7 +40,7 @@ from hqexport.lower import (
     quantize_head,
     share_embedding,
 )
-from hqexport.model import QuantizedModel
+from hqexport.model import QuantizedLinear, QuantizedModel
 from hqexport.ops.nbits import LORA_OP_TYPE
 from hqexport.ops.schema import DOMAIN, OP_TYPE
 from hqexport.read.folder import sha256
@@ -287,12 +288,15 @@ def _ship_kernels(staging: Path, steps: _Steps, library: Path | None, error: str
     return library.name
 
 
+def _blocker(layer: QuantizedLinear) -> str | None:
+    """Why MatMulNBits cannot express this source layer exactly, or None."""
+    return matmulnbits_blocker(bits=storage_bits(layer.fmt), group_size=layer.fmt.group_size, axis=layer.fmt.axis, in_features=layer.in_features)
+
+
 def _check_all_lowerable(qmodel: QuantizedModel) -> None:
     """--ops ort: refuse before the long export when a layer has no exact MatMulNBits form."""
     for path, layer in qmodel.linears.items():
-        blocker = matmulnbits_blocker(
-            bits=storage_bits(layer.fmt), group_size=layer.fmt.group_size, axis=layer.fmt.axis, in_features=layer.in_features
-        )
+        blocker = _blocker(layer)
         if blocker is not None:
             raise HQExportError(f"--ops ort: layer {path} ({layer.fmt.label}) cannot run as MatMulNBits: {blocker}")
 
@@ -301,10 +305,7 @@ def _lora_fuses(qmodel: QuantizedModel, specs: Sequence[AdapterSpec], targets: s
     """Whether the adapters can live inside the target layers' HQQMatMulNBits nodes: no DoRA, every target lowerable."""
     if any(spec.use_dora for spec in specs):
         return False
-    return all(
-        matmulnbits_blocker(bits=storage_bits(layer.fmt), group_size=layer.fmt.group_size, axis=layer.fmt.axis, in_features=layer.in_features) is None
-        for layer in (qmodel.linears[path] for path in targets)
-    )
+    return all(_blocker(qmodel.linears[path]) is None for path in targets)
 
 
 def _layer_entry(node: LayerNode) -> dict[str, Any]:

@@ -7,9 +7,11 @@ adapter == base; bake: the DoRA adapter as constants. Prefill + one cached decod
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -144,3 +146,28 @@ def test_dora_on_packed_biased_layers_matches_peft(hqq_model, tmp_path):
     expected = _peft_logits(base, tmp_path / "dora")
     assert np.abs(expected - _peft_logits(base, None)).max() > 0.05 * np.abs(expected).max()  # the adapter matters
     _assert_close(_onnx_logits(_write(export, tmp_path / "out")), expected)
+
+
+def test_convert_puts_lora_inside_the_kernel_nodes_unless_dora(setup, library, tmp_path):
+    """With the kernels library, separate adapters become inputs of the target layers' nodes (no branch nodes);
+    a DoRA adapter among them keeps every target on the branch form."""
+    from hqexport.convert import convert
+
+    _, root, qmodel, _, _, _ = setup
+
+    def export(name: str, *adapters: str) -> tuple[dict, list[str]]:
+        out = tmp_path / name
+        convert(qmodel, out, adapters=[f"{a}={root / a}" for a in adapters], progress=False)
+        manifest = json.loads((out / "hqexport.json").read_text())
+        nodes = [node.name for node in onnx.load(out / "model.onnx", load_external_data=False).graph.node]
+        return manifest, nodes
+
+    manifest, nodes = export("fused", "chat")
+    targets = set(manifest["adapters"]["chat"]["targets"])
+    assert {manifest["layers"][path]["op"] for path in targets} == {"hqexport.HQQMatMulNBitsLoRA"}
+    assert not [name for name in nodes if "/lora/" in name]
+    assert "model.layers.0.self_attn.qkv_proj.lora_A.weight" in manifest["adapters"]["chat"]["parameters"]
+
+    manifest, nodes = export("dora", "chat", "style")
+    assert {layer["op"] for layer in manifest["layers"].values()} == {"hqexport.HQQMatMulNBits"}
+    assert [name for name in nodes if "/lora/" in name]

@@ -105,3 +105,16 @@ def test_bench_adapters_rows_and_adapter_semantics(tmp_path):
         assert results["base"]["tokens"] != results["baked"]["tokens"], case
         assert rows[(case, "base")]["decode vs base"] == 1 and rows[(case, "active")]["decode ms"] > 0
         assert results["switch"]["load_ms"] > 0 and results["switch"]["activate_ms"] > 0
+
+
+@pytest.mark.integration  # headless Chromium per row: runs in .ci/run's integration step (after npm ci in samples/js)
+def test_bench_web_rows(tmp_path):
+    """A row per variant and WASM thread count; the two exact exports (kernels folder, --no-kernels) decode the
+    same tokens in the browser."""
+    out = tmp_path / "web.json"
+    _run("bench_web.py", "--tiny", "--decode", "3", "--rounds", "1", "--threads", "1", "--variants", "hqexport,hqexport-portable", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert [(row["variant"], row["backend"]) for row in data["rows"]] == [("hqexport", "wasm 1 thread"), ("hqexport-portable", "wasm 1 thread")]
+    assert all(row["decode ms"] > 0 for row in data["rows"])
+    tokens = {name: variant["tokens"] for name, variant in data["variants"].items()}
+    assert len(tokens["hqexport wasm 1"]) == 4 and tokens["hqexport wasm 1"] == tokens["hqexport-portable wasm 1"]

@@ -274,6 +274,23 @@ def test_web_sample_runs_a_baked_adapter_through_the_function_bodies(story, refe
 
 
 @pytest.mark.slow
+def test_js_samples_on_smollm2_match_pytorch_hqq(node_modules, tmp_path):
+    """SmolLM2-135M exported as samples/js/README.md advises for the browser (--ops hqq --no-kernels): Node.js and
+    the page in Chromium (WASM) decode PyTorch-hqq's greedy tokens."""
+    from hqexport.validate.reference import load_reference
+    from tests.smollm2 import smollm2_hqq
+
+    source, out, prompt, tokens = smollm2_hqq(), tmp_path / "web", "What is the capital of France?", 16
+    run(sys.executable, "-m", "hqexport.cli", "convert", source, "-o", out, "--ops", "hqq", "--no-kernels")
+    (node,) = json_lines(run("node", JS / "generate.mjs", out, "--prompt", prompt, "--max-new-tokens", str(tokens),
+                             "--ignore-eos", "--token-ids"))
+    expected = _greedy(load_reference(source).model, node["prompt"], tokens)
+    assert node["tokens"] == expected
+    web = _in_chromium(out, prompt=prompt, tokens=str(tokens), ignore_eos="1", backend="wasm")
+    assert web["promptIds"] == node["prompt"] and web["tokens"] == expected
+
+
+@pytest.mark.slow
 def test_finetune_story_every_adapter_mode(tmp_path):
     """The whole script as its README runs it (default --ops auto): each mode converts and validates."""
     out = python("finetune_then_export/finetune_then_export.py", "--workdir", tmp_path)

@@ -2,11 +2,14 @@
 // (Node.js) and onnxruntime-web (browser: WebGPU or WASM). The caller passes the `ort` module it imported.
 //
 // The folder is self-describing: model.onnx (+ model.onnx.data), genai_config.json (layers, KV heads, head size,
-// EOS), hqexport.json (activation dtype) and tokenizer.json / tokenizer_config.json. Inputs: input_ids,
+// EOS), hqexport.json (activation dtype, adapters; optional) and tokenizer.json / tokenizer_config.json. Inputs: input_ids,
 // attention_mask, position_ids (when the graph has it) and past_key_values.{i}.key/value; outputs logits and
 // present.{i}.key/value, which become the next step's past.
 
-/** What a folder's JSON files say about its decoder. */
+/**
+ * What a folder's JSON files say about its decoder. `manifest` (hqexport.json) may be null: a folder of another
+ * tool with a genai_config.json (onnxruntime-genai's model builder) runs too, as fp32 without adapters.
+ */
 export function describeFolder(genaiConfig, manifest) {
   const decoder = genaiConfig.model.decoder;
   const eos = genaiConfig.model.eos_token_id;
@@ -15,8 +18,8 @@ export function describeFolder(genaiConfig, manifest) {
     kvHeads: decoder.num_key_value_heads,
     headDim: decoder.head_size,
     eos: new Set(Array.isArray(eos) ? eos : [eos]),
-    cacheType: manifest.model.dtype === "fp16" ? "float16" : "float32",
-    adapters: Object.keys(manifest.adapters ?? {}),
+    cacheType: manifest?.model?.dtype === "fp16" ? "float16" : "float32",
+    adapters: Object.keys(manifest?.adapters ?? {}),
   };
 }
 
