@@ -560,6 +560,9 @@ bool with_zeros(const Problem& p, const Runner& runner) {
 
 constexpr int64_t kLoraRowsA = 16;  // rows of lora_A per task (M < 4)
 constexpr int64_t kLoraRowsB = 64;  // rows of lora_B per task (M < 4)
+// Below this many multiply-adds (M < 4) both products run on the calling thread: two dispatches to onnxruntime's
+// pool cost more than the work (rank 16 on q/k/v is about 43 thousand).
+constexpr int64_t kLoraSerialWork = int64_t{1} << 17;
 
 // W[n, k0 .. k0+len] of an fp32 matrix [N, K] held in p.W.
 void copy_segment(const Problem& p, int64_t n, int64_t k0, int64_t len, float* out) {
@@ -685,10 +688,12 @@ bool lora_add(const Problem& p, const Runner& runner) {
   LoraJob job{&p, T};
   bool ok = true;
   if (p.M < 4) {
-    runner.parallel_for(runner.ctx, &lora_a_task, static_cast<size_t>((R + kLoraRowsA - 1) / kLoraRowsA), &job);
     int64_t columns = 0;
     for (int64_t s = 0; s < p.lora_segments; ++s) columns += p.lora_columns[2 * s + 1] - p.lora_columns[2 * s];
-    runner.parallel_for(runner.ctx, &lora_b_task, static_cast<size_t>((columns + kLoraRowsB - 1) / kLoraRowsB), &job);
+    const bool serial = (R * p.K + columns * p.lora_rank) * p.M < kLoraSerialWork;
+    const auto run = serial ? &serial_for : runner.parallel_for;
+    run(runner.ctx, &lora_a_task, static_cast<size_t>((R + kLoraRowsA - 1) / kLoraRowsA), &job);
+    run(runner.ctx, &lora_b_task, static_cast<size_t>((columns + kLoraRowsB - 1) / kLoraRowsB), &job);
   } else {
     ok = lora_gemm(p, T, runner);
   }

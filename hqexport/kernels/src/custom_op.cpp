@@ -289,10 +289,6 @@ void ort_parallel_for(void* ctx, void (*fn)(void*, size_t), size_t total, void* 
   Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(static_cast<OrtKernelContext*>(ctx), fn, total, 0, data));
 }
 
-void serial_for(void*, void (*fn)(void*, size_t), size_t total, void* data) {
-  for (size_t i = 0; i < total; ++i) fn(data, i);
-}
-
 template <typename Kernel>
 OrtStatusPtr compute(Kernel& kernel, OrtKernelContext* context) {
   const char* op_type = kernel.spec->op_type;

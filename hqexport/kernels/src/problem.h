@@ -65,6 +65,11 @@ struct Runner {
   void (*parallel_for)(void* ctx, void (*fn)(void*, size_t), size_t total, void* data);
 };
 
+// Runner::parallel_for's signature, on the calling thread: for work too small to hand to a pool.
+inline void serial_for(void*, void (*fn)(void*, size_t), size_t total, void* data) {
+  for (size_t i = 0; i < total; ++i) fn(data, i);
+}
+
 // The CPU kernel, compiled once per instruction set (cpu_kernel.cpp) and chosen at run time.
 #define HQX_DECLARE_CPU(ns)                                              \
   namespace ns {                                                         \
