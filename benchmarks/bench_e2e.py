@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -362,6 +363,26 @@ def build(
     return paths, {"variants": facts}
 
 
+def source_model(tiny: bool, work: Path, reuse: bool) -> tuple[Path, str, int]:
+    """(hqq source folder, its name for the table, its group size): SmolLM2 (cached) or a tiny sample in `work`."""
+    if tiny:
+        source = work / "source" if reuse and (work / "source").is_dir() else tiny_source(work / "source")
+        return source, "tiny hqexport.sample llama (hqq 4-bit g32 axis 1)", 32
+    from tests.smollm2 import QUANT, smollm2_hqq
+
+    return smollm2_hqq(), "SmolLM2-135M-Instruct (hqq 4-bit g64 axis 1, fp32 compute)", QUANT["group_size"]
+
+
+def in_work_folder(work: Path | None, prefix: str, run: Callable[[Path], None]) -> None:
+    """run(folder): in `work` (created if missing), or in a temporary folder removed afterwards."""
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        run(work)
+    else:
+        with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+            run(Path(scratch))
+
+
 def shipped_library(folder: Path) -> str | None:
     """The kernel library a converted folder ships (named in its genai_config.json), if any."""
     options = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {})
@@ -403,25 +424,14 @@ def main() -> None:
         parser.error(f"unknown variants {sorted(unknown)}")
     os.environ.setdefault("COLUMNS", "200")  # rich would squeeze the table to 80 columns without a terminal
     out = args.out or RESULTS / ("e2e-tiny.json" if args.tiny else "e2e.json")
-    if args.work:
-        if not args.reuse and args.work.is_dir() and any(args.work.iterdir()):
-            parser.error(f"--work {args.work} is not empty: pass --reuse to reuse the models in it, or name an empty folder")
-        args.work.mkdir(parents=True, exist_ok=True)
-        benchmark(args, args.work, selected, out)
-    else:
-        with tempfile.TemporaryDirectory(prefix="hqexport-bench-") as work:
-            benchmark(args, Path(work), selected, out)
+    if args.work and not args.reuse and args.work.is_dir() and any(args.work.iterdir()):
+        parser.error(f"--work {args.work} is not empty: pass --reuse to reuse the models in it, or name an empty folder")
+    in_work_folder(args.work, "hqexport-bench-", lambda work: benchmark(args, work, selected, out))
 
 
 def benchmark(args: argparse.Namespace, work: Path, selected: list[str], out: Path) -> None:
     started, load_start = time.perf_counter(), os.getloadavg()
-    if args.tiny:
-        source = work / "source" if args.reuse and (work / "source").is_dir() else tiny_source(work / "source")
-        model_name, group_size = "tiny hqexport.sample llama (hqq 4-bit g32 axis 1)", 32
-    else:
-        from tests.smollm2 import QUANT, smollm2_hqq
-
-        source, model_name, group_size = smollm2_hqq(), "SmolLM2-135M-Instruct (hqq 4-bit g64 axis 1, fp32 compute)", QUANT["group_size"]
+    source, model_name, group_size = source_model(args.tiny, work, args.reuse)
     paths, built = build(source, work, selected, group_size, args.reuse)
     tokens = source_tokens(source, max(args.prefill, args.prompt))
     runnable = [variant for variant in selected if not isinstance(paths[variant], str)]

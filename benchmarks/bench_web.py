@@ -21,7 +21,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlencode
@@ -29,7 +28,7 @@ from urllib.parse import urlencode
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_e2e import VARIANTS as E2E_VARIANTS
-from bench_e2e import build, tiny_source
+from bench_e2e import build, in_work_folder, source_model
 from common import RESULTS, report
 
 JS = Path(__file__).resolve().parents[1] / "samples" / "js"
@@ -78,23 +77,12 @@ def main() -> None:
         parser.error("run `npm ci` in samples/js first (samples/js/README.md)")
     os.environ.setdefault("COLUMNS", "200")
     out = args.out or RESULTS / ("web-tiny.json" if args.tiny else "web.json")
-    if args.work:
-        args.work.mkdir(parents=True, exist_ok=True)
-        benchmark(args, args.work, selected, out)
-    else:
-        with tempfile.TemporaryDirectory(prefix="hqexport-web-") as work:
-            benchmark(args, Path(work), selected, out)
+    in_work_folder(args.work, "hqexport-web-", lambda work: benchmark(args, work, selected, out))
 
 
 def benchmark(args: argparse.Namespace, work: Path, selected: list[str], out: Path) -> None:
     started = time.perf_counter()
-    if args.tiny:
-        source = work / "source" if args.reuse and (work / "source").is_dir() else tiny_source(work / "source")
-        model_name, group_size = "tiny hqexport.sample llama (hqq 4-bit g32 axis 1)", 32
-    else:
-        from tests.smollm2 import QUANT, smollm2_hqq
-
-        source, model_name, group_size = smollm2_hqq(), f"SmolLM2-135M-Instruct, hqq {QUANT}", 64
+    source, model_name, group_size = source_model(args.tiny, work, args.reuse)
     paths, facts = build(source, work, selected, group_size, args.reuse, BUILDS)
     threads = [int(t) for t in args.threads.split(",")]
     query = {"prompt": PROMPT, "tokens": args.decode + 1, "ignore_eos": 1}
