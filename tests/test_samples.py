@@ -273,6 +273,20 @@ def test_web_sample_runs_a_baked_adapter_through_the_function_bodies(story, refe
     assert result["tokens"] == reference["tuned"]
 
 
+def test_js_samples_run_an_fp16_export_as_onnxruntime_python_does(story, node_modules, tmp_path):
+    """--dtype fp16 (fp16 activations, KV cache and logits): Node.js and the page decode what onnxruntime's Python
+    API decodes from the same folder (fp16 rounding moves the tokens away from the fp32 reference)."""
+    out = tmp_path / "fp16"
+    run(sys.executable, "-m", "hqexport.cli", "convert", story / "base", "-o", out, "--dtype", "fp16", "--no-kernels")
+    (python_run,) = json_lines(python("python_generate/generate.py", out, "--prompt", PROMPT, "--max-new-tokens",
+                                      str(TOKENS), "--ignore-eos", "--token-ids"))
+    (node,) = json_lines(run("node", JS / "generate.mjs", out, "--prompt", PROMPT, "--max-new-tokens", str(TOKENS),
+                             "--ignore-eos", "--token-ids"))
+    assert node["tokens"] == python_run["tokens"]
+    web = _in_chromium(out, prompt=PROMPT, tokens=str(TOKENS), ignore_eos="1", backend="wasm")
+    assert web["tokens"] == python_run["tokens"]
+
+
 @pytest.mark.slow
 def test_js_samples_on_smollm2_match_pytorch_hqq(node_modules, tmp_path):
     """SmolLM2-135M exported as samples/js/README.md advises for the browser (--ops hqq --no-kernels): Node.js and

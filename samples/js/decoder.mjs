@@ -36,7 +36,7 @@ export function checkAdapterRequest(folder, adapter) {
   );
 }
 
-/** float16 bits -> number (logits of an fp16 export; Node 20 has no Float16Array). */
+/** float16 bits -> number (logits of an fp16 export where the runtime has no Float16Array, e.g. Node 20). */
 function halfToNumber(bits) {
   const sign = bits & 0x8000 ? -1 : 1;
   const exponent = (bits >> 10) & 0x1f;
@@ -50,7 +50,9 @@ function halfToNumber(bits) {
 export function argmaxLast(logits) {
   const [, positions, vocab] = logits.dims;
   const offset = (positions - 1) * vocab;
-  const value = logits.type === "float16" ? (i) => halfToNumber(logits.data[offset + i]) : (i) => logits.data[offset + i];
+  // float16 data is a Float16Array where the JavaScript engine has one (Chromium), else the raw bits
+  const bits = logits.type === "float16" && logits.data instanceof Uint16Array;
+  const value = bits ? (i) => halfToNumber(logits.data[offset + i]) : (i) => logits.data[offset + i];
   let best = 0;
   let bestValue = value(0);
   for (let i = 1; i < vocab; i++) {
