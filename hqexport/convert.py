@@ -29,7 +29,7 @@ from hqexport.export.config import DEFAULT_OPSET, DTYPES, check_opset, check_wei
 from hqexport.export.decoder import decoder_io
 from hqexport.export.graph import DecoderGraph, LayerNode, build_decoder, layer_path
 from hqexport.files import DATA_FILE, GENAI_CONFIG_FILE, MANIFEST_FILE, MODEL_FILE
-from hqexport.formats import canonical_shape, storage_bits
+from hqexport.formats import canonical_shape, storage_bits, word_dtype
 from hqexport.lower import (
     EXACT_INT8_HEAD,
     HEAD_PATH,
@@ -340,8 +340,9 @@ def _exported_bytes(qmodel: QuantizedModel, act_itemsize: int, *, tied: bool) ->
     head counted once)."""
     packed = 0
     for layer in qmodel.linears.values():
-        words, bits = canonical_shape(layer.out_features, layer.in_features, storage_bits(layer.fmt)), storage_bits(layer.fmt)
-        packed += words[0] * words[1] * (4 if bits == 3 else 1) + layer.meta_bytes
+        bits = storage_bits(layer.fmt)
+        rows, words = canonical_shape(layer.out_features, layer.in_features, bits)
+        packed += rows * words * word_dtype(bits).itemsize + layer.meta_bytes
     fp = sum(
         tensor.numel() * act_itemsize
         for key, tensor in qmodel.tensors.items()

@@ -1,6 +1,6 @@
 """HQQ formats: hqq's packings, dequantization bit-exact with hqq, and the hqexport op's canonical layout."""
 
-from hqexport.formats.canonical import STORAGE_BITS, canonical_shape, codes_per_word, pack_canonical, storage_bits, unpack_canonical
+from hqexport.formats.canonical import STORAGE_BITS, canonical_shape, codes_per_word, pack_canonical, storage_bits, unpack_canonical, word_dtype
 from hqexport.formats.codes import grouped_shape, pack_codes, unpack_codes
 from hqexport.formats.dequant import dequantize_numpy, dequantize_torch, numpy_dtype, tensor_to_numpy
 from hqexport.formats.packing import PACKINGS, get_packing
@@ -21,4 +21,5 @@ __all__ = [
     "tensor_to_numpy",
     "unpack_canonical",
     "unpack_codes",
+    "word_dtype",
 ]
