@@ -98,7 +98,7 @@ def random_adapter(base: Path, rank: int, targets: tuple[str, ...], out: Path) -
 
 def build_case(name: str, tiny: bool, work: Path) -> dict[str, Path]:
     """The three exports of a case (base, separate, baked), converted once per work folder."""
-    from hqexport.convert import convert
+    from hqexport.conversion import convert
 
     bits, rank, targets = CASES[name]
     folder = work / name.replace(" ", "-").replace("/", "")

@@ -146,7 +146,7 @@ def run_convert(spec: dict) -> dict:
 def convert_fp32(spec: dict) -> dict:
     """hqexport's graph on the dequantized weights: every linear a fp32 MatMul, the head too (without the kernels,
     an fp head that is an exact int8 grid stays fp32: plain fp32 in stock onnxruntime ops)."""
-    from hqexport.convert import convert
+    from hqexport.conversion import convert
 
     started = time.perf_counter()
     convert(dequantized(Path(spec["source"])), Path(spec["out"]), with_kernels=False, progress=False)
@@ -188,7 +188,7 @@ def run_builder(spec: dict) -> dict:
 
 def run_validate(spec: dict) -> dict:
     """hqexport validate on a (lossy) export: the loss figures."""
-    from hqexport.validate import validate
+    from hqexport.validation import validate
 
     report_ = validate(Path(spec["path"]), progress=None)
     checks = {check.name: check for check in report_.checks}
@@ -298,7 +298,7 @@ def run_variant(spec: dict) -> dict:
     baseline, load_average = _rss_bytes(), os.getloadavg()[0]
     folder = Path(spec["path"])
     if torch_variant:
-        from hqexport.validate.reference import load_reference
+        from hqexport.validation.reference import load_reference
 
         model = TorchModel(load_reference(folder).model)
     else:

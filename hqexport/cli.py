@@ -135,7 +135,7 @@ def convert(
     architecture, without the quantization settings), genai_config.json and hqexport.json (the manifest:
     versions, checksums, the op chosen per layer, adapters).
     """
-    from hqexport.convert import convert as run_convert
+    from hqexport.conversion import convert as run_convert
 
     summary = run_convert(
         source, out, dtype=dtype, opset=opset, ops=ops, accuracy_level=int(accuracy_level), lm_head=lm_head,
@@ -174,9 +174,9 @@ def demo(tokens: int) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report as JSON here.")
 def validate(out: Path, reference: Path | None, provider: str, prompts: Path | None, tokens: int, adapter: str | None, json_path: Path | None) -> None:
     """Check that an exported folder computes what its HQQ source computes (exit 1 when a check fails)."""
-    from hqexport.validate import read_prompts
-    from hqexport.validate import validate as run_validate
-    from hqexport.validate.report import render, write_json
+    from hqexport.validation import read_prompts
+    from hqexport.validation import validate as run_validate
+    from hqexport.validation.report import render, write_json
 
     report = run_validate(out, reference=reference, provider=provider, prompts=read_prompts(prompts), tokens=tokens, adapter=adapter)
     render(report)

@@ -20,10 +20,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from hqexport.convert import convert
+from hqexport.conversion import convert
 from hqexport.files import MANIFEST_FILE
 from hqexport.sample import build_sample_model, build_tokenizer, save_hqq_pickle
-from hqexport.validate.onnx_session import OnnxDecoder
+from hqexport.validation.onnx_session import OnnxDecoder
 
 PROMPT = "The old lighthouse keeper"
 

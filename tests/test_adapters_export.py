@@ -151,7 +151,7 @@ def test_dora_on_packed_biased_layers_matches_peft(hqq_model, tmp_path):
 def test_convert_puts_lora_inside_the_kernel_nodes_unless_dora(setup, library, tmp_path):
     """With the kernels library, separate adapters become inputs of the target layers' nodes (no branch nodes);
     a DoRA adapter among them keeps every target on the branch form."""
-    from hqexport.convert import convert
+    from hqexport.conversion import convert
 
     _, root, qmodel, _, _, _ = setup
 

@@ -449,7 +449,7 @@ def test_output_is_an_existing_file(st_copy, out):
 
 def _fake_export(monkeypatch) -> None:
     """Skip building the graph (not under test here): the writer gets an empty graph."""
-    monkeypatch.setattr("hqexport.convert.build_decoder", lambda *args, **kwargs: SimpleNamespace(model=None, layers={}))
+    monkeypatch.setattr("hqexport.conversion.build_decoder", lambda *args, **kwargs: SimpleNamespace(model=None, layers={}))
 
 
 def _disk_full_writer(written: list[Path]):
@@ -465,7 +465,7 @@ def _disk_full_writer(written: list[Path]):
 def test_disk_full_while_writing(st_copy, out, monkeypatch):
     written: list[Path] = []
     _fake_export(monkeypatch)
-    monkeypatch.setattr("hqexport.convert.write_onnx", _disk_full_writer(written))
+    monkeypatch.setattr("hqexport.conversion.write_onnx", _disk_full_writer(written))
     line = convert_fails(st_copy, out, "--ops", "hqq")
     assert str(out) in line and "No space left on device" in line and "nothing was written" in line
     assert written and not written[0].exists()  # the staging folder went away with its partial file
@@ -476,7 +476,7 @@ def test_disk_full_while_replacing_keeps_the_old_output(st_copy, out, monkeypatc
     (out / MANIFEST_FILE).write_text('{"earlier": "export"}')
     (out / "model.onnx").write_bytes(b"earlier model")
     _fake_export(monkeypatch)
-    monkeypatch.setattr("hqexport.convert.write_onnx", _disk_full_writer([]))
+    monkeypatch.setattr("hqexport.conversion.write_onnx", _disk_full_writer([]))
     line = convert_fails(st_copy, out, "--ops", "hqq", "--force")  # also asserts OUT is byte-identical
     assert "No space left on device" in line
 
@@ -489,7 +489,7 @@ def test_interrupt_removes_the_staging_folder(st_copy, out, monkeypatch):
         raise KeyboardInterrupt
 
     _fake_export(monkeypatch)
-    monkeypatch.setattr("hqexport.convert.write_onnx", interrupted)
+    monkeypatch.setattr("hqexport.conversion.write_onnx", interrupted)
     result = CliRunner().invoke(main, ["convert", str(st_copy), "-o", str(out), "--ops", "hqq"])
     assert result.exit_code == 1 and "Aborted" in result.stderr and "Traceback" not in result.output
     assert os.listdir(out.parent) == []
@@ -499,13 +499,13 @@ def test_interrupt_removes_the_staging_folder(st_copy, out, monkeypatch):
 KILLED_CONVERT = """
 import sys, time
 from types import SimpleNamespace
-import hqexport.convert as convert
+import hqexport.conversion as conversion
 def write_half_then_hang(model, folder):
     (folder / "model.onnx.data").write_bytes(bytes(1 << 16))
     print("writing", flush=True)
     time.sleep(600)
-convert.build_decoder = lambda *args, **kwargs: SimpleNamespace(model=None, layers={})
-convert.write_onnx = write_half_then_hang
+conversion.build_decoder = lambda *args, **kwargs: SimpleNamespace(model=None, layers={})
+conversion.write_onnx = write_half_then_hang
 from hqexport.cli import main
 main(["convert", sys.argv[1], "-o", sys.argv[2], "--ops", "hqq"])
 """

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from hqq.core.quantize import HQQLinear
 
 from hqexport.cli import main
-from hqexport.convert import convert
+from hqexport.conversion import convert
 from hqexport.errors import HQExportError, UnsupportedModelError
 from hqexport.formats import unpack_canonical
 from hqexport.read.live import read_live_model
@@ -362,7 +362,7 @@ def test_failed_export_leaves_no_output(small_source, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("export broke")
 
-    monkeypatch.setattr("hqexport.convert.build_decoder", fail)
+    monkeypatch.setattr("hqexport.conversion.build_decoder", fail)
     with pytest.raises(RuntimeError, match="export broke"):
         convert(small_source, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -389,7 +389,7 @@ def test_bad_options_are_user_errors(small_source, tmp_path):
 
 def test_ops_ort_refuses_an_inexpressible_layer_before_exporting(hqq_source, tmp_path, monkeypatch):
     source = hqq_source("llama", "pickle", **FORMATS["2bit-axis0"])
-    monkeypatch.setattr("hqexport.convert.build_decoder", lambda *a, **k: pytest.fail("exported before refusing"))
+    monkeypatch.setattr("hqexport.conversion.build_decoder", lambda *a, **k: pytest.fail("exported before refusing"))
     result = CliRunner().invoke(main, ["convert", str(source), "-o", str(tmp_path / "out"), "--ops", "ort"])
     assert result.exit_code == 2
     assert "--ops ort: layer model.layers.0.self_attn.q_proj (2bit g16 axis0) cannot run as MatMulNBits" in result.stderr

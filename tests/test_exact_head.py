@@ -16,13 +16,13 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from hqexport.convert import convert
+from hqexport.conversion import convert
 from hqexport.lower import exact_int8_head
 from hqexport.read.source import read_source
 from hqexport.sample import build_sample_model, save_hqq_pickle
-from hqexport.validate import validate
-from hqexport.validate.blocks import with_extra_outputs
-from hqexport.validate.onnx_session import OnnxDecoder
+from hqexport.validation import validate
+from hqexport.validation.blocks import with_extra_outputs
+from hqexport.validation.onnx_session import OnnxDecoder
 from tests.conftest import FORMATS
 
 QUICK = dict(prompts=["The old man"], tokens=4, progress=None)

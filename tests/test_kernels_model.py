@@ -16,7 +16,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from hqexport.convert import convert
+from hqexport.conversion import convert
 from hqexport.errors import HQExportError
 from hqexport.kernels import register
 from hqexport.ops.schema import DOMAIN, OP_TYPE

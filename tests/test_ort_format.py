@@ -16,8 +16,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from hqexport.convert import convert
-from hqexport.validate.reference import load_reference
+from hqexport.conversion import convert
+from hqexport.validation.reference import load_reference
 from tests.conftest import FORMATS
 
 STEPS = 6

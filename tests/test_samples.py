@@ -3,7 +3,7 @@
 The module fixture runs samples/finetune_then_export (quantize with hqq, train LoRA with PEFT, `hqexport convert
 --adapters separate --ops hqq`, `hqexport validate`). Every sample's greedy tokens must equal the reference's:
 for the base model the tokens of `hqexport validate`'s generation check (PyTorch + hqq's HQQLinear), for the
-adapter PEFT's LoRA on that same hqq reference (hqexport.validate.reference), computed here.
+adapter PEFT's LoRA on that same hqq reference (hqexport.validation.reference), computed here.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def story(tmp_path_factory) -> Path:
 
 @torch.inference_mode()
 def _greedy(model: torch.nn.Module, prompt: list[int], tokens: int) -> list[int]:
-    from hqexport.validate.torch_session import returned_cache
+    from hqexport.validation.torch_session import returned_cache
 
     ids, cache, chosen = torch.tensor([prompt]), None, []
     for _ in range(tokens):
@@ -66,7 +66,7 @@ def reference(story) -> dict:
     """Prompt ids and the reference's greedy tokens: base from validate's report, tuned from PEFT on the hqq reference."""
     from peft import PeftModel
 
-    from hqexport.validate.reference import load_reference
+    from hqexport.validation.reference import load_reference
 
     report = json.loads((story / "separate-validate.json").read_text())
     assert report["passed"], report
@@ -291,7 +291,7 @@ def test_js_samples_run_an_fp16_export_as_onnxruntime_python_does(story, node_mo
 def test_js_samples_on_smollm2_match_pytorch_hqq(node_modules, tmp_path):
     """SmolLM2-135M exported as samples/js/README.md advises for the browser (--ops hqq --no-kernels): Node.js and
     the page in Chromium (WASM) decode PyTorch-hqq's greedy tokens."""
-    from hqexport.validate.reference import load_reference
+    from hqexport.validation.reference import load_reference
     from tests.smollm2 import smollm2_hqq
 
     source, out, prompt, tokens = smollm2_hqq(), tmp_path / "web", "What is the capital of France?", 16

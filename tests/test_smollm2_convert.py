@@ -1,7 +1,7 @@
 """`hqexport convert` on a real model: SmolLM2-135M-Instruct, hqq 4-bit g64 axis 1 (slow: minutes).
 
 32 greedy tokens from stock onnxruntime (CPU) must equal the PyTorch model with hqq's own HQQLinear layers
-(hqexport.validate.reference, which decodes the checkpoint with hqq, not with hqexport's readers) for three
+(hqexport.validation.reference, which decodes the checkpoint with hqq, not with hqexport's readers) for three
 prompts. The convert runs in a child process so its time and peak memory are its own; both are printed.
 """
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 
-from hqexport.validate.reference import load_reference
+from hqexport.validation.reference import load_reference
 from tests.smollm2 import smollm2_hqq
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from hqexport import convert as convert_module
-from hqexport.convert import convert
+from hqexport import conversion
+from hqexport.conversion import convert
 from hqexport.export.config import DEFAULT_OPSET, model_config
 from hqexport.export.decoder import decoder_io
 from hqexport.export.graph import build_decoder
@@ -45,7 +45,7 @@ def test_convert_computes_each_packed_weight_once_while_writing(hqq_source, tmp_
     source = hqq_source("llama", "safetensors", hidden_size=256, intermediate_size=512, **FORMATS[fmt])
     writing = False
     calls: Counter[str] = Counter()
-    real_weight, real_write = inputs.canonical_weight, convert_module.write_onnx
+    real_weight, real_write = inputs.canonical_weight, conversion.write_onnx
 
     def canonical_weight(layer):
         assert writing, f"{layer.name}'s packed codes were computed before the model was written"
@@ -61,6 +61,6 @@ def test_convert_computes_each_packed_weight_once_while_writing(hqq_source, tmp_
             writing = False
 
     monkeypatch.setattr(inputs, "canonical_weight", canonical_weight)
-    monkeypatch.setattr(convert_module, "write_onnx", write_onnx)
+    monkeypatch.setattr(conversion, "write_onnx", write_onnx)
     convert(source, tmp_path / "out", ops=ops, progress=False)
     assert calls == Counter(dict.fromkeys(read_source(source).linears, 1))

@@ -22,21 +22,21 @@ from onnx import helper, numpy_helper
 
 from hqexport.adapters.onnx_adapter import read_adapter_file, write_adapter_file
 from hqexport.cli import main
-from hqexport.convert import convert
+from hqexport.conversion import convert
 from hqexport.errors import HQExportError
 from hqexport.formats import unpack_canonical
 from hqexport.formats.dequant import tensor_to_numpy
 from hqexport.ops import op_inputs
 from hqexport.read.live import read_live_model
 from hqexport.read.source import read_source
-from hqexport.validate import validate
-from hqexport.validate.blocks import with_extra_outputs
-from hqexport.validate.exported import open_exported
-from hqexport.validate.metrics import top1_agreement
-from hqexport.validate.onnx_session import OnnxDecoder
-from hqexport.validate.reference import load_reference
-from hqexport.validate.thresholds import thresholds_for
-from hqexport.validate.weights import decode_layers
+from hqexport.validation import validate
+from hqexport.validation.blocks import with_extra_outputs
+from hqexport.validation.exported import open_exported
+from hqexport.validation.metrics import top1_agreement
+from hqexport.validation.onnx_session import OnnxDecoder
+from hqexport.validation.reference import load_reference
+from hqexport.validation.thresholds import thresholds_for
+from hqexport.validation.weights import decode_layers
 from tests.conftest import FORMATS
 
 FLIPPED = "model.layers.1.self_attn.q_proj"

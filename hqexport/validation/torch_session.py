@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hqexport.validate.reference import Reference
+from hqexport.validation.reference import Reference
 
 
 def returned_cache(output: Any) -> Any:

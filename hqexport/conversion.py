@@ -80,8 +80,8 @@ class ConvertSummary:
 
 
 def convert(
-    source: Path | QuantizedModel,
-    out: Path,
+    source: str | Path | QuantizedModel,
+    out: str | Path,
     *,
     dtype: str = "fp32",
     opset: int | None = None,

@@ -22,11 +22,11 @@ from hqq.core.quantize import HQQLinear
 
 from hqexport.errors import HQExportError
 from hqexport.files import MANIFEST_FILE
-from hqexport.validate.checks import DECODE_STEPS, Context, judge_logits
-from hqexport.validate.metrics import difference, top1_agreement
-from hqexport.validate.reference import Reference, use_activation_dtype
-from hqexport.validate.result import CheckResult
-from hqexport.validate.torch_session import returned_cache
+from hqexport.validation.checks import DECODE_STEPS, Context, judge_logits
+from hqexport.validation.metrics import difference, top1_agreement
+from hqexport.validation.reference import Reference, use_activation_dtype
+from hqexport.validation.result import CheckResult
+from hqexport.validation.torch_session import returned_cache
 
 
 def _adapter_source(ctx_folder: Path, name: str, entry: dict[str, Any]) -> Path:

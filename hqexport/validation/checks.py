@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 
 from hqexport.formats.dequant import tensor_to_numpy
-from hqexport.validate.blocks import find_block_outputs, with_extra_outputs
-from hqexport.validate.exported import Exported
-from hqexport.validate.metrics import Difference, Top1, difference, negative_log_likelihood, top1_agreement, top2_margin
-from hqexport.validate.onnx_session import OnnxDecoder
-from hqexport.validate.reference import Reference
-from hqexport.validate.result import CheckResult
-from hqexport.validate.thresholds import LOSSY_PERPLEXITY_RELATIVE, LOSSY_TOP1_AGREEMENT, Thresholds, lowered_weight_tolerance
-from hqexport.validate.torch_session import TorchDecoder
-from hqexport.validate.weights import DecodeError, decode_layers
+from hqexport.validation.blocks import find_block_outputs, with_extra_outputs
+from hqexport.validation.exported import Exported
+from hqexport.validation.metrics import Difference, Top1, difference, negative_log_likelihood, top1_agreement, top2_margin
+from hqexport.validation.onnx_session import OnnxDecoder
+from hqexport.validation.reference import Reference
+from hqexport.validation.result import CheckResult
+from hqexport.validation.thresholds import LOSSY_PERPLEXITY_RELATIVE, LOSSY_TOP1_AGREEMENT, Thresholds, lowered_weight_tolerance
+from hqexport.validation.torch_session import TorchDecoder
+from hqexport.validation.weights import DecodeError, decode_layers
 
 #: decode steps after the prefill in the logits check (each one goes through the KV cache)
 DECODE_STEPS = 4

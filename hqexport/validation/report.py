@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from hqexport.validate.result import CheckResult, Report
+from hqexport.validation.result import CheckResult, Report
 
 _STYLE = {"PASS": "bold green", "FAIL": "bold red", "NOT CHECKED": "yellow"}
 

@@ -1,10 +1,10 @@
-"""validate: prove that an exported folder computes what its HQQ source computes.
+"""validation: prove that an exported folder computes what its HQQ source computes.
 
-    from hqexport.validate import validate
+    from hqexport.validation import validate
     report = validate(Path("out"))          # reference = the source folder recorded in out/hqexport.json
     report.passed, report.to_json()
 
-The reference is rebuilt from the source checkpoint with transformers + hqq's HQQLinear (validate/reference.py),
+The reference is rebuilt from the source checkpoint with transformers + hqq's HQQLinear (validation/reference.py),
 never with hqexport's own readers or export modules. docs/validate.md describes every check and threshold.
 """
 
@@ -17,15 +17,15 @@ from pathlib import Path
 from hqexport.errors import HQExportError
 from hqexport.files import MANIFEST_FILE
 from hqexport.sample import corpus_text
-from hqexport.validate.adapters import adapt_reference, check_adapter
-from hqexport.validate.checks import PERPLEXITY_TOKENS, Context, check_blocks, check_generation, check_logits, check_perplexity, check_weights
-from hqexport.validate.exported import open_exported, reference_source, selected_adapters
-from hqexport.validate.onnx_session import OnnxDecoder, providers_for
-from hqexport.validate.reference import load_reference
-from hqexport.validate.result import CheckResult, Report
-from hqexport.validate.text import load_tokenizer
-from hqexport.validate.thresholds import LOSSY_PERPLEXITY_RELATIVE, LOSSY_TOP1_AGREEMENT, thresholds_for
-from hqexport.validate.torch_session import TorchDecoder
+from hqexport.validation.adapters import adapt_reference, check_adapter
+from hqexport.validation.checks import PERPLEXITY_TOKENS, Context, check_blocks, check_generation, check_logits, check_perplexity, check_weights
+from hqexport.validation.exported import open_exported, reference_source, selected_adapters
+from hqexport.validation.onnx_session import OnnxDecoder, providers_for
+from hqexport.validation.reference import load_reference
+from hqexport.validation.result import CheckResult, Report
+from hqexport.validation.text import load_tokenizer
+from hqexport.validation.thresholds import LOSSY_PERPLEXITY_RELATIVE, LOSSY_TOP1_AGREEMENT, thresholds_for
+from hqexport.validation.torch_session import TorchDecoder
 
 __all__ = ["CheckResult", "DEFAULT_PROMPTS", "Report", "read_prompts", "validate"]
 
@@ -53,7 +53,7 @@ def _stderr_progress(message: str) -> None:
 
 
 def validate(
-    out: Path,
+    out: str | Path,
     *,
     reference: Path | None = None,
     provider: str = "cpu",

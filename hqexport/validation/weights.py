@@ -23,7 +23,7 @@ from onnx import helper
 
 from hqexport.formats import unpack_canonical
 from hqexport.ops.reference import dequantize_canonical
-from hqexport.validate.exported import Exported
+from hqexport.validation.exported import Exported
 
 HQQ_OP = "hqexport.HQQMatMul"
 NBITS_OP = "com.microsoft.MatMulNBits"
