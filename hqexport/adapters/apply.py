@@ -7,7 +7,7 @@ adapters/NAME.onnx_adapter (separate), and the manifest's "adapters" section.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,17 +121,28 @@ def apply_adapters(
         branches[module] = branch
     model = insert_lora_branches(model, layers, branches, dtype=dtype, overridable=mode == "separate")
 
+    def parameters(spec: AdapterSpec) -> dict[str, np.ndarray]:
+        params: dict[str, np.ndarray] = {}
+        for module, branch in branches.items():
+            if module in spec.modules:
+                params.update(_module_values(spec, module, branch.dora, dtype, act_dtype, base_linears))
+            elif fill_untouched:
+                params[lora_a_name(module)] = np.zeros((branch.in_features, 0), dtype)
+                params[lora_b_name(module)] = np.zeros((0, branch.out_features), dtype)
+        return params
+
+    return _export(model, adapters, mode, parameters)
+
+
+def _export(
+    model: ir.Model | onnx.ModelProto, adapters: Sequence[AdapterSpec], mode: str, parameters: Callable[[AdapterSpec], dict[str, np.ndarray]]
+) -> AdapterExport:
+    """The AdapterExport of `model`: per adapter its manifest entry and, in separate mode, its file's parameters."""
     result = AdapterExport(model=model, manifest={})
     for spec in adapters:
         entry = {**spec.summary(), "mode": mode}
         if mode == "separate":
-            params: dict[str, np.ndarray] = {}
-            for module, branch in branches.items():
-                if module in spec.modules:
-                    params.update(_module_values(spec, module, branch.dora, dtype, act_dtype, base_linears))
-                elif fill_untouched:
-                    params[lora_a_name(module)] = np.zeros((branch.in_features, 0), dtype)
-                    params[lora_b_name(module)] = np.zeros((0, branch.out_features), dtype)
+            params = parameters(spec)
             check_adapter_fits(model, params, adapter_file(spec.name))
             result.files[spec.name] = params
             entry["file"] = adapter_file(spec.name)
@@ -156,17 +167,12 @@ def _apply_fused(
     if mode == "bake":
         baked = {name: value for group in groups.values() for name, value in group_parameters(group, adapters[0], dtype).items()}
     fuse_lora(graph_model, groups, dtype=dtype, baked=baked)
-    result = AdapterExport(model=ir.to_proto(graph_model) if isinstance(model, onnx.ModelProto) else graph_model, manifest={})
-    for spec in adapters:
-        entry = {**spec.summary(), "mode": mode}
-        if mode == "separate":
-            params: dict[str, np.ndarray] = {}
-            for group in groups.values():
-                values = group_parameters(group, spec, dtype)
-                params.update(values if values is not None else rank0_parameters(group, dtype) if fill_untouched else {})
-            check_adapter_fits(result.model, params, adapter_file(spec.name))
-            result.files[spec.name] = params
-            entry["file"] = adapter_file(spec.name)
-            entry["parameters"] = sorted(params)
-        result.manifest[spec.name] = entry
-    return result
+
+    def parameters(spec: AdapterSpec) -> dict[str, np.ndarray]:
+        params: dict[str, np.ndarray] = {}
+        for group in groups.values():
+            values = group_parameters(group, spec, dtype)
+            params.update(values if values is not None else rank0_parameters(group, dtype) if fill_untouched else {})
+        return params
+
+    return _export(ir.to_proto(graph_model) if isinstance(model, onnx.ModelProto) else graph_model, adapters, mode, parameters)
