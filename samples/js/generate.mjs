@@ -4,7 +4,7 @@
 //
 // onnxruntime-node loads no custom-op library here, so hqexport's ops run as their ONNX function bodies: export
 // with `hqexport convert --no-kernels` for a folder that runs at full speed on stock onnxruntime.
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 
@@ -13,13 +13,20 @@ import * as ort from "onnxruntime-node";
 
 import { checkAdapterRequest, describeFolder, generate } from "./decoder.mjs";
 
-const USAGE = "usage: node generate.mjs FOLDER --prompt TEXT [--max-new-tokens N] [--token-ids] [--ignore-eos] [--adapter base]";
+const USAGE = "usage: node generate.mjs FOLDER --prompt TEXT [--max-new-tokens N] [--token-ids] [--ignore-eos] [--threads N] [--adapter base]";
 
-function readJson(folder, name) {
-  return JSON.parse(readFileSync(join(folder, name), "utf8"));
+/** A JSON file of the folder; null for a missing optional one (hqexport.json: other tools' folders run too). */
+function readJson(folder, name, { optional = false } = {}) {
+  const file = join(folder, name);
+  if (optional && !existsSync(file)) return null;
+  return JSON.parse(readFileSync(file, "utf8"));
 }
 
-async function main() {
+/** A mistake in the command line or the folder: exit code 2, as the hqexport CLI. */
+class UserError extends Error {}
+
+/** The arguments and the folder's description, tokenizer and session; a UserError for what the user got wrong. */
+async function open() {
   const { values, positionals } = parseArgs({
     allowPositionals: true,
     options: {
@@ -31,16 +38,25 @@ async function main() {
       threads: { type: "string", default: "0" },
     },
   });
-  if (positionals.length !== 1 || values.prompt === undefined) throw new Error(USAGE);
+  if (positionals.length !== 1 || values.prompt === undefined) throw new UserError(USAGE);
   const [path] = positionals;
-  const folder = describeFolder(readJson(path, "genai_config.json"), readJson(path, "hqexport.json"));
-  checkAdapterRequest(folder, values.adapter);
-  const tokenizer = new Tokenizer(readJson(path, "tokenizer.json"), readJson(path, "tokenizer_config.json"));
-  const session = await ort.InferenceSession.create(join(path, "model.onnx"), {
-    executionProviders: ["cpu"],
-    intraOpNumThreads: Number(values.threads),
-    logSeverityLevel: 3, // LoRA parameters are overridable initializers: onnxruntime warns about each one
-  });
+  try {
+    const folder = describeFolder(readJson(path, "genai_config.json"), readJson(path, "hqexport.json", { optional: true }));
+    checkAdapterRequest(folder, values.adapter);
+    const tokenizer = new Tokenizer(readJson(path, "tokenizer.json"), readJson(path, "tokenizer_config.json"));
+    const session = await ort.InferenceSession.create(join(path, "model.onnx"), {
+      executionProviders: ["cpu"],
+      intraOpNumThreads: Number(values.threads),
+      logSeverityLevel: 3, // LoRA parameters are overridable initializers: onnxruntime warns about each one
+    });
+    return { values, folder, tokenizer, session };
+  } catch (error) {
+    throw new UserError(`${path}: ${error.message}`);
+  }
+}
+
+async function main() {
+  const { values, folder, tokenizer, session } = await open();
   const promptIds = tokenizer.encode(values.prompt, { add_special_tokens: false }).ids;
   const tokens = [];
   let shown = "";
@@ -60,5 +76,5 @@ async function main() {
 
 main().catch((error) => {
   process.stderr.write(`error: ${error.message}\n`);
-  process.exit(1);
+  process.exit(error instanceof UserError ? 2 : 1);
 });
