@@ -15,6 +15,7 @@ from __future__ import annotations
 import onnx
 from onnx import AttributeProto, FunctionProto, ModelProto, TensorProto, helper
 
+from hqexport.formats.canonical import LAYOUTS
 from hqexport.ops import nbits
 from hqexport.ops.schema import DOMAIN, OP_TYPE, SINCE_VERSION
 
@@ -23,6 +24,10 @@ MIN_OPSET = 18
 MAX_OPSET = 25
 
 _ATTRIBUTES = ("N", "K", "bits", "group_size", "axis")
+
+#: the layout whose words are wider than a byte (formats/canonical.py's LAYOUTS: bits 3, 10 codes per uint32). The
+#: body takes its codes per word from it and 8 // bits for the others, all uint8 (tests/test_layout_record.py)
+_WIDE = next(layout for layout in LAYOUTS.values() if layout.word_dtype.itemsize > 1)
 
 
 def _ints(name: str, values: list[int]) -> onnx.NodeProto:
@@ -51,14 +56,14 @@ def _body() -> list[onnx.NodeProto]:
         _ints("zero_i", [0]),
         _ints("one_i", [1]),
         _ints("minus1", [-1]),
-        _ints("three", [3]),
+        _ints("three", [_WIDE.bits]),
         _ints("eight", [8]),
-        _ints("ten", [10]),
+        _ints("ten", [_WIDE.codes_per_word]),
         _ints("two", [2]),
         _ints("pair_index", [0, 1]),
         n("Unsqueeze", ["k", "zero_i"], ["k_1d"]),
         n("Unsqueeze", ["n", "zero_i"], ["n_1d"]),
-        # codes per word: 10 in a uint32 word for bits 3, else 8 // bits in a uint8 word
+        # codes per word (_WIDE): 10 in a uint32 word for bits 3, else 8 // bits in a uint8 word
         n("Div", ["eight", "bits"], ["per_byte"]),
         n("Equal", ["bits", "three"], ["is3"]),
         n("Where", ["is3", "ten", "per_byte"], ["per_word_1d"]),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import onnx
 from onnx.defs import OpSchema
 
+from hqexport.formats.canonical import LAYOUTS
+
 DOMAIN = "hqexport"
 OP_TYPE = "HQQMatMul"
 SINCE_VERSION = 1
@@ -16,8 +18,13 @@ MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits, GroupQuer
 
 #: activation / output / bias dtypes the op accepts
 ACT_TYPES = ("tensor(float)", "tensor(float16)")
-#: word dtypes of the canonical packed weight: uint8 (bits 1, 2, 4, 8), uint32 (bits 3)
-WORD_TYPES = ("tensor(uint8)", "tensor(uint32)")
+#: word dtype of the canonical packed weight -> the storage bits it packs (formats/canonical.py's LAYOUTS)
+WORD_BITS: dict[str, tuple[int, ...]] = {
+    dtype.name: tuple(bits for bits, layout in LAYOUTS.items() if layout.word_dtype == dtype)
+    for dtype in dict.fromkeys(layout.word_dtype for layout in LAYOUTS.values())
+}
+WORD_TYPES = tuple(f"tensor({name})" for name in WORD_BITS)
+_WORD_DOC = "packed word dtype: " + "; ".join(f"{name} for bits {', '.join(map(str, bits))}" for name, bits in WORD_BITS.items())
 #: dtypes of scale and zero: the layer's compute dtype
 META_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")
 
@@ -42,7 +49,7 @@ def _build_schema() -> OpSchema:
         outputs=[OpSchema.FormalParameter("Y", "T1", "output [..., N]")],
         type_constraints=[
             ("T1", list(ACT_TYPES), "activation dtype"),
-            ("T2", list(WORD_TYPES), "packed word dtype: uint32 for bits 3, uint8 otherwise"),
+            ("T2", list(WORD_TYPES), _WORD_DOC),
             ("T3", list(META_TYPES), "compute dtype of the quantized layer"),
         ],
         attributes=[

@@ -81,14 +81,14 @@ struct GroupCursor {
   }
 };
 
-// Word: uint32_t (bits 3, or uint8 rows read 4 bytes at a time) or uint8_t; PER codes per Word.
+// Word: W's word (WordOf<BITS>), or uint32_t for uint8 rows read 4 bytes at a time; PER codes per Word.
 template <DType META, int BITS, typename Word, int PER>
 __global__ void gemv_kernel(Problem p) {
   const int lane = threadIdx.x & 31;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
   if (n >= p.N) return;
   const bool half = p.act == DType::F16;
-  const Word* row = reinterpret_cast<const Word*>(static_cast<const char*>(p.W) + n * p.row_words * (BITS == 3 ? 4 : 1));
+  const Word* row = reinterpret_cast<const Word*>(static_cast<const char*>(p.W) + n * p.row_words * word_bytes(BITS));
   const int64_t words = (p.K + PER - 1) / PER;
   float acc[kMaxGemvRows] = {0.f, 0.f, 0.f, 0.f};
   for (int64_t w = lane; w < words; w += 32) {
@@ -122,14 +122,9 @@ __global__ void gemv_kernel(Problem p) {
 
 template <int BITS>
 __device__ __forceinline__ uint32_t code_at(const Problem& p, int64_t n, int64_t k) {
-  if constexpr (BITS == 3) {
-    const uint32_t word = static_cast<const uint32_t*>(p.W)[n * p.row_words + k / 10];
-    return (word >> (3 * (k % 10))) & 7u;
-  } else {
-    constexpr int per = 8 / BITS;
-    const uint8_t byte = static_cast<const uint8_t*>(p.W)[n * p.row_words + k / per];
-    return (byte >> (BITS * (k % per))) & ((1u << BITS) - 1u);
-  }
+  constexpr int per = codes_per_word(BITS);
+  const uint32_t word = static_cast<const WordOf<BITS>*>(p.W)[n * p.row_words + k / per];
+  return (word >> (BITS * (k % per))) & ((1u << BITS) - 1u);
 }
 
 template <DType META, int BITS>
@@ -192,15 +187,14 @@ void launch(const Problem& p, cudaStream_t stream) {
   if (p.M <= kMaxGemvRows) {
     const dim3 grid(static_cast<unsigned>((p.N + kGemvWarps - 1) / kGemvWarps)), block(32 * kGemvWarps);
     const bool aligned = p.row_words % 4 == 0 && reinterpret_cast<uintptr_t>(p.W) % 4 == 0;
-    if constexpr (BITS == 3) {
-      gemv_kernel<META, 3, uint32_t, 10><<<grid, block, 0, stream>>>(p);
-    } else {
+    constexpr int per = codes_per_word(BITS);
+    if constexpr (word_bytes(BITS) == 1) {  // byte words: read 4 at a time where the rows allow it
       if (aligned) {
-        gemv_kernel<META, BITS, uint32_t, 32 / BITS><<<grid, block, 0, stream>>>(p);
-      } else {
-        gemv_kernel<META, BITS, uint8_t, 8 / BITS><<<grid, block, 0, stream>>>(p);
+        gemv_kernel<META, BITS, uint32_t, 4 * per><<<grid, block, 0, stream>>>(p);
+        return;
       }
     }
+    gemv_kernel<META, BITS, WordOf<BITS>, per><<<grid, block, 0, stream>>>(p);
   } else {
     const dim3 grid(static_cast<unsigned>((p.N + kTile - 1) / kTile), static_cast<unsigned>((p.M + kTile - 1) / kTile));
     tiled_kernel<META, BITS><<<grid, kTileThreads, 0, stream>>>(p);

@@ -155,11 +155,7 @@ inline void unpack(const Problem& p, int64_t n, int64_t k0, int64_t len, float* 
 
 template <int BITS>
 inline void unpack_bits(const Problem& p, int64_t n, int64_t k0, int64_t len, float* out) {
-  if constexpr (BITS == 3) {
-    unpack<uint32_t, 3, 10>(p, n, k0, len, out);
-  } else {
-    unpack<uint8_t, BITS, 8 / BITS>(p, n, k0, len, out);
-  }
+  unpack<WordOf<BITS>, BITS, codes_per_word(BITS)>(p, n, k0, len, out);
 }
 
 using SegmentFn = void (*)(const Problem&, int64_t n, int64_t k0, int64_t len, float* out);
@@ -456,13 +452,14 @@ inline void fast_rows(const FastJob& job, int64_t n0) {
   }
 }
 
-template <typename Word, int BITS, int PER>
+template <int BITS>
 void fast_task(void* data, size_t task) {
+  constexpr int kPer = codes_per_word(BITS);
   const FastJob& job = *static_cast<const FastJob*>(data);
   const int64_t end = min64(job.p->N, static_cast<int64_t>(task + 1) * kGemvRows);
   int64_t n = static_cast<int64_t>(task) * kGemvRows;
-  for (; n + kFastRows <= end; n += kFastRows) fast_rows<Word, BITS, PER, kFastRows>(job, n);
-  for (; n < end; ++n) fast_rows<Word, BITS, PER, 1>(job, n);
+  for (; n + kFastRows <= end; n += kFastRows) fast_rows<WordOf<BITS>, BITS, kPer, kFastRows>(job, n);
+  for (; n < end; ++n) fast_rows<WordOf<BITS>, BITS, kPer, 1>(job, n);
 }
 
 // The factorized path applies: see above. fp16/bf16 compute dtypes and fp16 activations keep exact dequantization.
@@ -475,15 +472,15 @@ bool fast_applies(const Problem& p) {
 void (*pick_fast(int bits))(void*, size_t) {
   switch (bits) {
     case 1:
-      return &fast_task<uint8_t, 1, 8>;
+      return &fast_task<1>;
     case 2:
-      return &fast_task<uint8_t, 2, 4>;
+      return &fast_task<2>;
     case 3:
-      return &fast_task<uint32_t, 3, 10>;
+      return &fast_task<3>;
     case 4:
-      return &fast_task<uint8_t, 4, 2>;
+      return &fast_task<4>;
     default:
-      return &fast_task<uint8_t, 8, 1>;
+      return &fast_task<8>;
   }
 }
 

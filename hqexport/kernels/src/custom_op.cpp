@@ -54,9 +54,7 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 // Attribute checks, at session creation.
 std::string check_attrs(const Attrs& a) {
   if (a.N <= 0 || a.K <= 0) return "N and K must be positive";
-  if (a.bits != 1 && a.bits != 2 && a.bits != 3 && a.bits != 4 && a.bits != 8) {
-    return "bits must be 1, 2, 3, 4 or 8, got " + std::to_string(a.bits);
-  }
+  if (word_bytes(a.bits) == 0) return "bits must be 1, 2, 3, 4 or 8, got " + std::to_string(a.bits);
   if (a.axis != 0 && a.axis != 1) return "axis must be 0 or 1, got " + std::to_string(a.axis);
   if (a.group_size <= 0 || (a.N * a.K) % a.group_size != 0) {
     return "group_size " + std::to_string(a.group_size) + " does not divide N*K = " + std::to_string(a.N * a.K);
@@ -110,8 +108,9 @@ std::string describe_hqq(Ort::KernelContext& ctx, const Attrs& a, Problem& p, st
   const auto w_info = W.GetTensorTypeAndShapeInfo();
   const auto w_type = w_info.GetElementType();
   const auto w_shape = w_info.GetShape();
-  const auto w_expected = a.bits == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-  if (w_type != w_expected) return std::string("W must be ") + (a.bits == 3 ? "uint32" : "uint8") + " for bits " + std::to_string(a.bits);
+  const bool wide = word_bytes(a.bits) == 4;
+  const auto w_expected = wide ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  if (w_type != w_expected) return std::string("W must be ") + (wide ? "uint32" : "uint8") + " for bits " + std::to_string(a.bits);
   const int64_t words = (a.K + codes_per_word(a.bits) - 1) / codes_per_word(a.bits);
   if (w_shape != std::vector<int64_t>{a.N, words}) {
     return "W of shape " + shape_text(w_shape) + " does not hold N x K = " + std::to_string(a.N) + " x " +
@@ -492,6 +491,11 @@ HQX_EXPORT int hqexport_dequantize(const void* W, const void* scale, const void*
   }
   return 0;
 }
+
+// W's words as this library reads them (problem.h), for tests/test_layout_record.py to check against
+// formats/canonical.py's LAYOUTS: bytes per word (0 for a width the layout does not have) and codes per word.
+HQX_EXPORT int64_t hqexport_word_bytes(int64_t bits) { return hqx::word_bytes(bits); }
+HQX_EXPORT int64_t hqexport_codes_per_word(int64_t bits) { return hqx::codes_per_word(bits); }
 
 // "avx2" or "baseline": which build of the CPU kernel this machine runs.
 HQX_EXPORT const char* hqexport_cpu_isa() { return hqx::cpu_has_avx2() ? "avx2" : "baseline"; }

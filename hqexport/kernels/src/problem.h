@@ -4,6 +4,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#ifdef __CUDACC__
+#define HQX_HOST_DEVICE __host__ __device__
+#else
+#define HQX_HOST_DEVICE
+#endif
+
 namespace hqx {
 
 // ONNX TensorProto element types of the dtypes the op accepts.
@@ -40,8 +46,27 @@ struct Problem {
   int64_t lora_segments = 0, lora_rank = 0;
 };
 
-// Codes per word of W: 10 for bits 3 (uint32 words, bits 30-31 unused), else 8 / bits (uint8 words).
-inline int64_t codes_per_word(int64_t bits) { return bits == 3 ? 10 : 8 / bits; }
+// W's words (formats/canonical.py's LAYOUTS, which tests/test_layout_record.py checks these against): bits 3 packs
+// 10 codes in a uint32 word (bits 30-31 unused), bits 1, 2, 4 and 8 pack 8 / bits codes in a uint8 word. word_bytes
+// is 0 for a width the layout does not have; codes_per_word is defined for the others only.
+HQX_HOST_DEVICE constexpr int64_t word_bytes(int64_t bits) {
+  return bits == 3 ? 4 : (bits == 1 || bits == 2 || bits == 4 || bits == 8) ? 1 : 0;
+}
+HQX_HOST_DEVICE constexpr int64_t codes_per_word(int64_t bits) { return 8 * word_bytes(bits) / bits; }
+
+template <int64_t BYTES>
+struct UnsignedOf;
+template <>
+struct UnsignedOf<1> {
+  using type = uint8_t;
+};
+template <>
+struct UnsignedOf<4> {
+  using type = uint32_t;
+};
+// The C++ type of W's words for BITS-bit codes.
+template <int BITS>
+using WordOf = typename UnsignedOf<word_bytes(BITS)>::type;
 
 // HQQMatMulNBits' zeros as HQQ's: z = zero_point - correction / scale per group ([N * K / group_size], fp32
 // rounding; a zero scale makes the group's weights zero whatever z is), so that the HQQMatMul paths run it.
