@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from hqexport import __version__
+from hqexport import __version__, options
 from hqexport.errors import HQExportError
 
 
@@ -79,14 +79,14 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option(
     "--adapters",
     "adapter_mode",
-    type=click.Choice(["separate", "bake", "merge"]),
+    type=click.Choice(options.ADAPTER_MODES),
     help="separate (default): hot-swappable adapters/NAME.onnx_adapter files; bake: the exact low-rank branch "
     "inside the graph (one adapter); merge: dequantize + delta + hqq re-quantize (lossy, reports how much survived). "
     "With the kernels library, separate and bake put LoRA inside the layers' nodes: no cost while inactive.",
 )
 @click.option(
     "--ops",
-    type=click.Choice(["auto", "hqq", "ort"]),
+    type=click.Choice(options.OPS),
     default="auto",
     show_default=True,
     help="auto: MatMulNBits' layout where it expresses a layer exactly (one hqexport.HQQMatMulNBits node: "
@@ -96,7 +96,7 @@ def inspect(path: Path, as_json: bool) -> None:
 )
 @click.option(
     "--accuracy-level",
-    type=click.Choice(["0", "4"]),
+    type=click.Choice([str(level) for level in options.ACCURACY_LEVELS]),
     default="0",
     show_default=True,
     help="accuracy_level of the MatMulNBits nodes. 0: fp32 compute, exact. 4: activations quantized to int8 per "
@@ -113,7 +113,7 @@ def inspect(path: Path, as_json: bool) -> None:
 )
 @click.option(
     "--lm-head",
-    type=click.Choice(["fp32", "int8", "int4"]),
+    type=click.Choice(options.LM_HEADS),
     default="fp32",
     show_default=True,
     help="fp32: the fp lm_head keeps its exact values: a fp32 MatMul, or, when the table is exactly int8 codes "
@@ -121,7 +121,7 @@ def inspect(path: Path, as_json: bool) -> None:
     "requantize it with hqq, group 32 (lossy; faster decode: the head is most of what a small model's decode step "
     "reads; int8 is fast on CPU only with --accuracy-level 4). validate measures the loss.",
 )
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="dtype of activations and fp weights.")
+@click.option("--dtype", type=click.Choice(options.DTYPES), default="fp32", show_default=True, help="dtype of activations and fp weights.")
 @click.option("--opset", type=int, help="ONNX opset (default 20; 18-23).")
 @click.option("--force", is_flag=True, help="Replace OUT if it holds an earlier hqexport output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -167,7 +167,7 @@ def demo(tokens: int) -> None:
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--reference", type=click.Path(path_type=Path), help="HQQ source folder (default: the one in hqexport.json).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(options.PROVIDERS), default="cpu", show_default=True)
 @click.option("--prompts", type=click.Path(path_type=Path), help="Text file with one prompt per line.")
 @click.option("--tokens", type=int, default=16, show_default=True, help="Greedy tokens generated per prompt.")
 @click.option("--adapter", help="Also check this adapter (a name from hqexport.json, or 'all').")

@@ -23,19 +23,20 @@ from typing import Any
 
 from rich.console import Console
 
-from hqexport.adapters import MODES, AdapterSpec, apply_adapters, load_adapters, merge_adapter
+from hqexport.adapters import AdapterSpec, apply_adapters, load_adapters, merge_adapter
 from hqexport.errors import HQExportError
 from hqexport.export.config import DEFAULT_OPSET, DTYPES, check_opset, check_weights, model_config
 from hqexport.export.decoder import decoder_io
-from hqexport.export.graph import DecoderGraph, LayerNode, build_decoder, layer_path
-from hqexport.files import DATA_FILE, GENAI_CONFIG_FILE, MANIFEST_FILE, MODEL_FILE
+from hqexport.export.graph import build_decoder
+from hqexport.files import DATA_FILE, GENAI_CONFIG_FILE, MODEL_FILE
 from hqexport.formats import canonical_shape, storage_bits, word_dtype
 from hqexport.lower import (
     EXACT_INT8_HEAD,
     HEAD_PATH,
-    LowerToMatMulNBits,
+    LOWERINGS,
     exact_int8_head,
     head_choice,
+    lower_layers,
     matmulnbits_blocker,
     quantize_head,
     share_embedding,
@@ -43,6 +44,7 @@ from hqexport.lower import (
 from hqexport.model import QuantizedLinear, QuantizedModel
 from hqexport.ops.nbits import LORA_OP_TYPE
 from hqexport.ops.schema import DOMAIN, OP_TYPE
+from hqexport.options import ACCURACY_LEVELS, ADAPTER_MODES, OPS
 from hqexport.read.folder import sha256
 from hqexport.read.source import read_source
 from hqexport.write.folder import staged_output
@@ -50,9 +52,6 @@ from hqexport.write.genai_config import genai_config
 from hqexport.write.manifest import build_manifest
 from hqexport.write.onnx_file import write_onnx
 
-OPS = ("auto", "hqq", "ort")
-#: MatMulNBits accuracy_level: 0 computes in fp32 (exact); 4 quantizes activations to int8 (faster, lossy)
-ACCURACY_LEVELS = (0, 4)
 #: below this share of the adapter's delta surviving re-quantization, merge warns that the fine-tune is lost
 LOW_RETENTION = 0.5
 HQQ_OP = f"{DOMAIN}.{OP_TYPE}"
@@ -118,8 +117,8 @@ def convert(
         raise HQExportError("--with-kernels packages the library that runs hqexport ops; --ops ort writes none")
     if accuracy_level and ops == "hqq":
         raise HQExportError("--accuracy-level sets how MatMulNBits computes; --ops hqq writes no MatMulNBits node")
-    if adapter_mode is not None and adapter_mode not in MODES:
-        raise HQExportError(f"--adapters {adapter_mode!r} is not supported; choose {', '.join(MODES)}")
+    if adapter_mode is not None and adapter_mode not in ADAPTER_MODES:
+        raise HQExportError(f"--adapters {adapter_mode!r} is not supported; choose {', '.join(ADAPTER_MODES)}")
     if adapter_mode is not None and not adapters:
         raise HQExportError(f"--adapters {adapter_mode} needs at least one --adapter")
     mode = adapter_mode or "separate"
@@ -161,38 +160,30 @@ def convert(
         fused_lora = bool(targets) and fp32_kernel and _lora_fuses(qmodel, specs, targets)
         with steps(f"Building the decoder graph (opset {opset})"):
             graph = build_decoder(qmodel, config, io, opset=opset, own_outputs=set() if fused_lora else targets, head=head)
-        layer_ops = {path: _layer_entry(node) for path, node in graph.layers.items()}
+        layers = graph.layers
         adapter_export = None
         if targets and not fused_lora:
             with steps(f"Adding {len(specs)} adapter(s) ({mode})"):
-                layers_view = {  # the source's layers (a head quantized by --lm-head is not one)
-                    path: {**_layer_entry(graph.layers[path]), "shape": list(layer.shape), "output": graph.layers[path].output}
-                    for path, layer in qmodel.linears.items()
-                }
-                adapter_export = apply_adapters(graph.model, {"model": {"dtype": dtype}, "layers": layers_view}, specs, mode, qmodel.linears)
-        if ops != "hqq":
+                source_layers = {path: layers[path] for path in qmodel.linears}  # a head quantized by --lm-head is not one
+                adapter_export = apply_adapters(graph.model, source_layers, specs, mode, dtype=dtype, base_linears=qmodel.linears)
+        if LOWERINGS[ops] is not None:
             # the exact int8 head and the adapted layers: HQQMatMulNBits nodes even where no zero needs correcting
-            fuse = {graph.layers[HEAD_PATH].node} if choice == EXACT_INT8_HEAD else set()
-            fuse |= {graph.layers[module].node for module in targets} if fused_lora else set()
+            fuse = {layers[HEAD_PATH].node} if choice == EXACT_INT8_HEAD else set()
+            fuse |= {layers[module].node for module in targets} if fused_lora else set()
             with steps(f"Lowering to MatMulNBits where exact (--ops {ops})"):
-                _lower(graph, layer_ops, ops, accuracy_level, fuse)
+                layers = lower_layers(graph.model, layers, ops=ops, accuracy_level=accuracy_level, fuse=fuse)
         if fused_lora:
             with steps(f"Adding {len(specs)} adapter(s) ({mode}, inside the layers' nodes)"):
-                layers_view = {
-                    path: {**layer_ops[path], "path": layer_path(graph.layers[path].node), "shape": list(qmodel.linears[path].shape)}
-                    for path in targets
-                }
-                adapter_export = apply_adapters(graph.model, {"model": {"dtype": dtype}, "layers": layers_view}, specs, mode, fused=True)
-            for path in targets:
-                layer_ops[path]["op"] = f"{DOMAIN}.{LORA_OP_TYPE}"
+                adapter_export = apply_adapters(graph.model, layers, specs, mode, dtype=dtype, fused=True)
+            layers |= {path: dataclasses.replace(layers[path], op=f"{DOMAIN}.{LORA_OP_TYPE}") for path in targets}
         if adapter_export is not None:
             adapter_manifest = adapter_export.manifest
         if head is not None:  # not a layer of the source: the manifest describes it under model.lm_head
-            head_op = layer_ops.pop(HEAD_PATH)
-            shared = config.tie_word_embeddings and head_op["op"] != HQQ_OP  # lowered: MatMulNBits tables
+            head_node = layers.pop(HEAD_PATH)
+            shared = config.tie_word_embeddings and head_node.op != HQQ_OP  # lowered: MatMulNBits tables
             if shared:
-                share_embedding(graph.model, head_op["initializers"], bits=storage_bits(head.fmt), block_size=head.fmt.group_size)
-            choice = dataclasses.replace(choice, op=head_op["op"], shared_with_embedding=shared if config.tie_word_embeddings else None)
+                share_embedding(graph.model, head_node.initializers, bits=storage_bits(head.fmt), block_size=head.fmt.group_size)
+            choice = dataclasses.replace(choice, op=head_node.op, shared_with_embedding=shared if config.tie_word_embeddings else None)
         with steps("Writing model.onnx, model.onnx.data and checking them"):
             write_onnx(graph.model, staging)
             if adapter_export is not None:
@@ -206,10 +197,10 @@ def convert(
         outputs = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         architecture = config.architectures[0] if config.architectures else qmodel.architecture
         manifest = build_manifest(
-            qmodel, io, layer_ops, architecture=architecture, dtype=dtype, opset=opset, outputs=outputs,
+            qmodel, io, layers, architecture=architecture, dtype=dtype, opset=opset, outputs=outputs,
             adapters=adapter_manifest, lm_head=choice.to_json(),
         )
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        manifest.write(staging)
         onnx_bytes = sum((staging / name).stat().st_size for name in outputs if name in (MODEL_FILE, DATA_FILE))
 
     packed, fp = _exported_bytes(qmodel, DTYPES[dtype].itemsize, tied=config.tie_word_embeddings)
@@ -220,9 +211,9 @@ def convert(
         quantized_layers=len(qmodel.linears),
         dtype=dtype,
         opset=opset,
-        ops=_count_ops(layer_ops),
+        ops=dict(Counter(entry.op for entry in manifest.layers.values())),
         kernels=shipped,
-        lm_head=manifest["model"]["lm_head"]["format"],
+        lm_head=choice.format,
         adapters=adapter_manifest,
         onnx_bytes=onnx_bytes,
         packed_bytes=packed,
@@ -306,33 +297,6 @@ def _lora_fuses(qmodel: QuantizedModel, specs: Sequence[AdapterSpec], targets: s
     if any(spec.use_dora for spec in specs):
         return False
     return all(_blocker(qmodel.linears[path]) is None for path in targets)
-
-
-def _layer_entry(node: LayerNode) -> dict[str, Any]:
-    entry: dict[str, Any] = {"op": HQQ_OP, "node": node.node, "initializers": dict(node.initializers)}
-    if node.rows is not None:
-        entry["rows"] = list(node.rows)
-    return entry
-
-
-def _lower(graph: DecoderGraph, layer_ops: dict[str, dict[str, Any]], ops: str, accuracy_level: int, fuse: set[str]) -> None:
-    """Run the MatMulNBits lowering (`fuse`: nodes fused even with integer zero points) and record, per layer,
-    which op now computes it."""
-    lowering = LowerToMatMulNBits(ops, accuracy_level, fuse)
-    lowering(graph.model)
-    for entry in layer_ops.values():
-        decision = lowering.decisions[entry["node"]]
-        if decision.op == HQQ_OP:
-            entry["lowering"] = {"kept": decision.reason}
-        else:
-            entry.update(op=decision.op, node=decision.node, initializers=decision.initializers)
-            entry["lowering"] = {
-                key: value for key, value in decision.to_json().items() if key not in ("op", "node", "initializers")
-            }
-
-
-def _count_ops(layer_ops: dict[str, dict[str, Any]]) -> dict[str, int]:
-    return dict(Counter(entry["op"] for entry in layer_ops.values()))
 
 
 def _exported_bytes(qmodel: QuantizedModel, act_itemsize: int, *, tied: bool) -> tuple[int, int]:

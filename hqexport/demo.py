@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hqexport.conversion import convert
-from hqexport.files import MANIFEST_FILE
+from hqexport.manifest import read_manifest
 from hqexport.sample import build_sample_model, build_tokenizer, save_hqq_pickle
 from hqexport.validation.onnx_session import OnnxDecoder
 
@@ -44,10 +43,10 @@ def torch_greedy(model: torch.nn.Module, prompt: list[int], tokens: int) -> tupl
 def onnx_greedy(folder: Path, prompt: list[int], tokens: int) -> tuple[list[int], np.ndarray, str]:
     """Greedy tokens of the exported model in onnxruntime through its KV cache, the logits of every step, and
     which onnxruntime ran them."""
-    manifest = json.loads((folder / MANIFEST_FILE).read_text())["model"]
+    model = read_manifest(folder).model
     decoder = OnnxDecoder(folder, "cpu")
     runtime = "onnxruntime (CPU, hqexport kernels)" if decoder.kernels else "onnxruntime (CPU, stock)"
-    past = decoder.empty_cache(1, manifest["num_key_value_heads"], manifest["head_dim"])
+    past = decoder.empty_cache(1, model.num_key_value_heads, model.head_dim)
     ids, generated, logits = np.array([prompt]), [], []
     for _ in range(tokens):
         step = decoder.step(ids, past)

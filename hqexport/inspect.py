@@ -15,6 +15,7 @@ import torch
 
 from hqexport.errors import HQExportError
 from hqexport.files import MANIFEST_FILE, MODEL_FILE
+from hqexport.manifest import read_manifest
 from hqexport.model import QuantizedModel
 from hqexport.read.source import read_source
 
@@ -129,38 +130,28 @@ def find_adapters(path: Path) -> list[dict[str, Any]]:
 
 
 def inspect_export(path: Path) -> dict[str, Any]:
-    manifest_file = path / MANIFEST_FILE
     if not (path / MODEL_FILE).is_file():
         raise HQExportError(f"has {MANIFEST_FILE} but no {MODEL_FILE}: not a complete hqexport output folder", path)
-    try:
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), dict):
-            raise TypeError("expected an object with a 'layers' object")
-        layers = manifest["layers"]
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-        raise HQExportError(f"is not a valid hqexport manifest ({type(error).__name__}: {error})", manifest_file) from None
-    try:
-        ops = Counter(entry["op"] for entry in layers.values())
-        formats = Counter(
-            f"{entry['nbits']:g}bit g{entry['group_size']} axis{entry['axis']}" for entry in layers.values()
-        )
-    except (KeyError, TypeError, ValueError) as error:
-        raise HQExportError(f"has a malformed layer entry ({type(error).__name__}: {error})", manifest_file) from None
+    manifest = read_manifest(path)
+    layers = manifest.layers
+    ops = Counter(entry.op for entry in layers.values())
+    formats = Counter(entry.format_label for entry in layers.values())
     files = {
         str(file.relative_to(path)): file.stat().st_size for file in sorted(path.rglob("*")) if file.is_file()
     }
+    data = manifest.to_json()
     return {
         "kind": "export",
         "path": str(path.resolve()),
-        "format_version": manifest.get("format_version"),
-        "tool": manifest.get("tool", {}),
-        "source": {key: value for key, value in manifest.get("source", {}).items() if key != "files"},
-        "model": manifest.get("model", {}),
+        "format_version": manifest.format_version,
+        "tool": manifest.tool,
+        "source": {key: value for key, value in data["source"].items() if key != "files"},
+        "model": data["model"],
         "quantized_linears": len(layers),
         "ops": dict(sorted(ops.items())),
         "formats": [{"format": label, "count": count} for label, count in formats.most_common()],
-        "layers": layers,
-        "adapters": manifest.get("adapters", {}),
+        "layers": data["layers"],
+        "adapters": manifest.adapters,
         "files": files,
         "total_bytes": sum(files.values()),
     }

@@ -41,6 +41,25 @@ MIXED_CONFIG = {
 FORMS = ("pickle", "safetensors", "sharded")
 
 
+
+def manifest_json(layers: dict[str, dict] | None = None, **model) -> dict:
+    """A complete hqexport.json (format 1), written out by hand, holding `layers` (entries without nbits,
+    compute_dtype or initializers get 4, float32 and none) and `model` keys overriding the defaults."""
+    defaults = {"nbits": 4, "group_size": 32, "axis": 1, "compute_dtype": "float32", "initializers": {}}
+    return {
+        "format_version": 1,
+        "tool": {"hqexport": "0.1.0"},
+        "source": {"path": "/src", "kind": "hqq-pickle", "files": {"config.json": "0" * 64}},
+        "model": {
+            "architecture": "LlamaForCausalLM", "model_type": "llama", "num_hidden_layers": 2, "num_key_value_heads": 2,
+            "head_dim": 16, "vocab_size": 320, "dtype": "fp32", "opset": 20, "uses_position_ids": True,
+            "lm_head": {"format": "fp32", "lossy": False}, "lossy": [], **model,
+        },
+        "layers": {path: {**defaults, **entry} for path, entry in (layers or {}).items()},
+        "adapters": {},
+        "outputs": {},
+    }
+
 def _key(arch: str, quant: dict) -> tuple:
     return (arch, tuple(sorted((k, str(v)) for k, v in quant.items())))
 

@@ -16,11 +16,13 @@ from onnx import helper, numpy_helper
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from hqexport.adapters.apply import apply_adapters
+from hqexport.adapters.arguments import parse_adapter_argument
+from hqexport.adapters.loading import load_adapter, load_adapters
 from hqexport.adapters.merge import merge_adapter
 from hqexport.adapters.onnx_adapter import check_adapter_fits, check_no_overlap, read_adapter_file
-from hqexport.adapters.peft_config import load_adapter, load_adapters, parse_adapter_argument
 from hqexport.adapters.runtime import ExportedAdapters
 from hqexport.errors import HQExportError
+from hqexport.export.graph import LayerNode
 from hqexport.formats.dequant import dequantize_torch
 from hqexport.read.live import read_live_model
 from hqexport.read.meta import layer_from_meta
@@ -167,7 +169,7 @@ def test_merge_retained_delta_is_low_for_a_small_delta(peft_models, workdir, bas
 K, N = 16, 8
 
 
-def _tiny_graph(with_bias: bool, rng: np.random.Generator) -> tuple[onnx.ModelProto, dict, np.ndarray, np.ndarray]:
+def _tiny_graph(with_bias: bool, rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[str, LayerNode], np.ndarray, np.ndarray]:
     """X [M, K] -> Gemm (stands in for an HQQMatMul node, bias included) -> Relu."""
     weight = rng.standard_normal((N, K)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32) if with_bias else np.zeros(N, np.float32)
@@ -184,15 +186,12 @@ def _tiny_graph(with_bias: bool, rng: np.random.Generator) -> tuple[onnx.ModelPr
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    manifest = {
-        "model": {"dtype": "fp32"},
-        "layers": {"m.proj": {"node": "/layer/HQQMatMul", "shape": [N, K], "initializers": {"bias": "b" if with_bias else None}}},
-    }
-    return model, manifest, weight, bias
+    layers = {"m.proj": LayerNode("/layer/HQQMatMul", {"bias": "b" if with_bias else None}, (N, K), "m.proj")}
+    return model, layers, weight, bias
 
 
 def _spec(name: str, rank: int, magnitude: bool, rng: np.random.Generator):
-    from hqexport.adapters.peft_config import AdapterSpec, LoraModuleWeights
+    from hqexport.adapters.spec import AdapterSpec, LoraModuleWeights
 
     a = torch.from_numpy(rng.standard_normal((rank, K)).astype(np.float32))
     b = torch.from_numpy(rng.standard_normal((N, rank)).astype(np.float32))
@@ -208,11 +207,11 @@ def _run(model: onnx.ModelProto, x: np.ndarray, options=None) -> np.ndarray:
 
 def test_separate_branches_in_a_tiny_graph(tmp_path):
     rng = np.random.default_rng(0)
-    model, manifest, weight, bias = _tiny_graph(False, rng)
+    model, layers, weight, bias = _tiny_graph(False, rng)
     x = rng.standard_normal((3, K)).astype(np.float32)
     base_out = _run(model, x)
     specs = [_spec("one", 2, False, rng), _spec("two", 5, False, rng)]
-    export = apply_adapters(model, manifest, specs, "separate")
+    export = apply_adapters(model, layers, specs, "separate")
     onnx.checker.check_model(export.model, full_check=True)
     (tmp_path / "model.onnx").write_bytes(export.model.SerializeToString())
     export.write_files(tmp_path)
@@ -241,10 +240,10 @@ def test_dora_branch_in_a_tiny_graph_with_bias(tmp_path, monkeypatch):
     lora = (x @ w.lora_A.numpy().T) @ (w.lora_B.numpy() * w.scaling).T
     monkeypatch.setattr(apply_module, "dora_factor", lambda *args: factor)  # tested against PEFT above
     for mode in ("bake", "separate"):
-        model, manifest, weight, bias = _tiny_graph(True, rng)
+        model, layers, weight, bias = _tiny_graph(True, rng)
         base_y = x @ weight.T + bias
         expected = np.maximum(base_y + (factor - 1) * (base_y - bias) + factor * lora, 0)
-        export = apply_adapters(model, manifest, [spec], mode, base_linears={"m.proj": None})
+        export = apply_adapters(model, layers, [spec], mode, base_linears={"m.proj": None})
         if mode == "bake":
             np.testing.assert_allclose(_run(export.model, x), expected, rtol=1e-5, atol=1e-5)
             continue
@@ -360,8 +359,8 @@ def test_base_model_path_is_checked_when_it_resolves(peft_models, workdir, base,
 
 def test_adapter_file_checks(tmp_path):
     rng = np.random.default_rng(2)
-    model, manifest, _, _ = _tiny_graph(False, rng)
-    export = apply_adapters(model, manifest, [_spec("one", 2, False, rng)], "separate")
+    model, layers, _, _ = _tiny_graph(False, rng)
+    export = apply_adapters(model, layers, [_spec("one", 2, False, rng)], "separate")
     export.write_files(tmp_path)
     params = read_adapter_file(tmp_path / "adapters" / "one.onnx_adapter")
     assert {k: v.shape for k, v in params.items()} == {"m.proj.lora_A.weight": (K, 2), "m.proj.lora_B.weight": (2, N)}

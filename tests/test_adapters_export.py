@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from hqexport.adapters.apply import apply_adapters
-from hqexport.adapters.peft_config import load_adapters
+from hqexport.adapters.loading import load_adapters
 from hqexport.adapters.runtime import ExportedAdapters
 from hqexport.export.config import DEFAULT_OPSET, model_config
 from hqexport.export.decoder import decoder_io
@@ -46,9 +46,8 @@ def setup(hqq_model, tmp_path_factory):
     config = model_config(qmodel)
     targets = {module for spec in specs for module in spec.modules}  # each gets its own output, as convert does
     graph = build_decoder(qmodel, config, decoder_io(config, torch.float32), opset=DEFAULT_OPSET, own_outputs=targets)
-    manifest = {"model": {"dtype": "fp32"}, "layers": _layers(graph, qmodel)}
     proto = ir.to_proto(graph.model)
-    return base, root, qmodel, specs, manifest, proto
+    return base, root, qmodel, specs, graph.layers, proto
 
 
 def _save_trained_adapter(base, config: LoraConfig, folder: Path) -> None:
@@ -61,15 +60,6 @@ def _save_trained_adapter(base, config: LoraConfig, folder: Path) -> None:
             if "lora_magnitude_vector" in key:
                 param.mul_(1 + 0.2 * torch.rand_like(param))
     peft_model.save_pretrained(folder)
-
-
-def _layers(graph, qmodel) -> dict:
-    """The layer entries apply_adapters reads (as convert passes them): node, shape, initializers, rows, output."""
-    return {
-        path: {"node": node.node, "shape": list(qmodel.linears[path].shape), "initializers": node.initializers,
-               "rows": node.rows, "output": node.output}
-        for path, node in graph.layers.items()
-    }
 
 
 def _write(export, folder: Path) -> ort.InferenceSession:
@@ -108,8 +98,8 @@ def _assert_close(got: np.ndarray, expected: np.ndarray) -> None:
 
 
 def test_separate_adapters_hot_swap_in_one_session(setup, tmp_path):
-    base, root, qmodel, specs, manifest, proto = setup
-    export = apply_adapters(ir.from_proto(proto), manifest, specs, "separate", qmodel.linears)
+    base, root, qmodel, specs, layers, proto = setup
+    export = apply_adapters(ir.from_proto(proto), layers, specs, "separate", base_linears=qmodel.linears)
     session = _write(export, tmp_path / "out")
     adapters = ExportedAdapters(tmp_path / "out")
     base_logits = _peft_logits(base, None)
@@ -122,8 +112,8 @@ def test_separate_adapters_hot_swap_in_one_session(setup, tmp_path):
 
 
 def test_bake_dora_adapter(setup, tmp_path):
-    base, root, qmodel, specs, manifest, proto = setup
-    export = apply_adapters(ir.from_proto(proto), manifest, [specs[1]], "bake", qmodel.linears)
+    base, root, qmodel, specs, layers, proto = setup
+    export = apply_adapters(ir.from_proto(proto), layers, [specs[1]], "bake", base_linears=qmodel.linears)
     _assert_close(_onnx_logits(_write(export, tmp_path / "out")), _peft_logits(base, root / "style"))
 
 
@@ -139,10 +129,9 @@ def test_dora_on_packed_biased_layers_matches_peft(hqq_model, tmp_path):
     config = model_config(qmodel)
     targets = {module for spec in specs for module in spec.modules}
     graph = build_decoder(qmodel, config, decoder_io(config, torch.float32), opset=DEFAULT_OPSET, own_outputs=targets)
-    layers = _layers(graph, qmodel)
-    q = layers["model.layers.0.self_attn.q_proj"]
-    assert q["node"] == layers["model.layers.0.self_attn.k_proj"]["node"] and q["rows"] and q["initializers"]["bias"]
-    export = apply_adapters(graph.model, {"model": {"dtype": "fp32"}, "layers": layers}, specs, "bake", qmodel.linears)
+    q = graph.layers["model.layers.0.self_attn.q_proj"]
+    assert q.node == graph.layers["model.layers.0.self_attn.k_proj"].node and q.rows and q.initializers["bias"]
+    export = apply_adapters(graph.model, graph.layers, specs, "bake", base_linears=qmodel.linears)
     expected = _peft_logits(base, tmp_path / "dora")
     assert np.abs(expected - _peft_logits(base, None)).max() > 0.05 * np.abs(expected).max()  # the adapter matters
     _assert_close(_onnx_logits(_write(export, tmp_path / "out")), expected)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from hqexport.cli import main
 from hqexport.write.folder import MANIFEST_FILE
-from tests.conftest import FORMATS
+from tests.conftest import FORMATS, manifest_json
 
 LAYER = "model.layers.0.self_attn.q_proj"
 REPO = Path(__file__).resolve().parents[1]
@@ -577,7 +577,7 @@ def foreign_export(folder: Path, location: str) -> Path:
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], [tensor],
     )
     (folder / "model.onnx").write_bytes(onnx.helper.make_model(graph).SerializeToString())
-    (folder / MANIFEST_FILE).write_text(json.dumps({"format_version": 1, "layers": {}}))
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest_json()))
     return folder
 
 

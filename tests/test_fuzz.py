@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from hqexport.adapters.peft_config import load_adapter, parse_adapter_argument
+from hqexport.adapters.arguments import parse_adapter_argument
+from hqexport.adapters.loading import load_adapter
 from hqexport.errors import HQExportError
 from hqexport.formats import STORAGE_BITS
 from hqexport.formats.codes import unpack_codes

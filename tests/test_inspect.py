@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from hqexport.cli import main
 from hqexport.inspect import inspect_path
-from tests.conftest import FORMATS
+from tests.conftest import FORMATS, manifest_json
 
 # qwen2 tiny: hidden 64, intermediate 128, 4 heads / 2 KV heads of 16, 2 decoder layers (hqexport.sample._TINY).
 # MIXED_CONFIG bytes of packed codes per layer, from the packings' definitions (design.md §3):
@@ -114,19 +114,13 @@ def _manifest() -> dict:
         "op": "hqexport.HQQMatMul", "node": "n0",
         "initializers": {"weight": "w0", "scale": "s0", "zero": "z0", "bias": None},
     }
-    return {
-        "format_version": 1,
-        "tool": {"hqexport": "0.1.0"},
-        "source": {"path": "/src", "kind": "hqq-pickle", "files": {"config.json": "0" * 64}},
-        "model": {"architecture": "LlamaForCausalLM", "model_type": "llama", "num_hidden_layers": 2, "dtype": "fp32", "opset": 21},
-        "layers": {
-            "model.layers.0.self_attn.q_proj": layer,
-            "model.layers.0.self_attn.k_proj": {**layer, "op": "com.microsoft.MatMulNBits", "shape": [32, 64]},
-            "model.layers.0.mlp.down_proj": {**layer, "nbits": 3, "axis": 0, "group_size": 16},
-        },
-        "adapters": {"chat": {"rank": 4, "scaling": 2.0}},
-        "outputs": {},
-    }
+    manifest = manifest_json({
+        "model.layers.0.self_attn.q_proj": layer,
+        "model.layers.0.self_attn.k_proj": {**layer, "op": "com.microsoft.MatMulNBits", "shape": [32, 64]},
+        "model.layers.0.mlp.down_proj": {**layer, "nbits": 3, "axis": 0, "group_size": 16},
+    })
+    manifest["adapters"] = {"chat": {"rank": 4, "scaling": 2.0}}
+    return manifest
 
 
 def test_exported_folder(tmp_path):

@@ -37,7 +37,7 @@ from hqexport.validation.onnx_session import OnnxDecoder
 from hqexport.validation.reference import load_reference
 from hqexport.validation.thresholds import thresholds_for
 from hqexport.validation.weights import decode_layers
-from tests.conftest import FORMATS
+from tests.conftest import FORMATS, manifest_json
 
 FLIPPED = "model.layers.1.self_attn.q_proj"
 SWAPPED = "model.layers.0.mlp.down_proj"  # a node of its own: gate_proj shares its scale and zero with up_proj
@@ -334,7 +334,7 @@ def test_weight_decoder_is_exact_for_every_format_in_fp16(hqq_model, tmp_path):
                               initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("hqexport", 1)])
     onnx.save(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
-    (tmp_path / "hqexport.json").write_text(json.dumps({"layers": manifest_layers, "model": {"dtype": "fp32"}}))
+    (tmp_path / "hqexport.json").write_text(json.dumps(manifest_json(manifest_layers)))
 
     decoded = decode_layers(open_exported(tmp_path))
     assert {layer.fmt.nbits for layer in layers.values()} == {4, 3, 2, 8, 1, 1.58}

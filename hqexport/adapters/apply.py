@@ -1,6 +1,6 @@
 """The adapter stage of `convert` for an exported graph: `separate` and `bake` (merge happens before export).
 
-apply_adapters(model, manifest, adapters, mode, base_linears, fused=...) -> AdapterExport: the graph with LoRA
+apply_adapters(model, layers, adapters, mode, ...) -> AdapterExport: the graph with LoRA
 branches (graph.py) or with LoRA inside the layers' nodes (fused.py), the parameters of each
 adapters/NAME.onnx_adapter (separate), and the manifest's "adapters" section.
 """
@@ -20,13 +20,13 @@ import torch
 from hqexport.adapters.fused import fuse_lora, fused_groups, group_parameters, rank0_parameters
 from hqexport.adapters.graph import Branch, dora_scale_name, insert_lora_branches, lora_a_name, lora_b_name
 from hqexport.adapters.onnx_adapter import check_adapter_fits, write_adapter_file
-from hqexport.adapters.peft_config import AdapterSpec
+from hqexport.adapters.spec import AdapterSpec
 from hqexport.adapters.values import dora_factor, lora_matmul_weights
 from hqexport.errors import HQExportError
+from hqexport.export.graph import LayerNode
 from hqexport.files import ADAPTERS_DIR, adapter_file
 from hqexport.model import QuantizedLinear
 
-MODES = ("separate", "bake", "merge")
 _DTYPES = {"fp32": (np.dtype(np.float32), torch.float32), "fp16": (np.dtype(np.float16), torch.float16)}
 
 
@@ -44,15 +44,15 @@ class AdapterExport:
         return {name: write_adapter_file(Path(folder) / adapter_file(name), params) for name, params in self.files.items()}
 
 
-def _check_targets(adapters: Sequence[AdapterSpec], layers: Mapping[str, Mapping[str, Any]]) -> None:
+def _check_targets(adapters: Sequence[AdapterSpec], layers: Mapping[str, LayerNode]) -> None:
     for spec in adapters:
         for module, weights in spec.modules.items():
             layer = layers.get(module)
             if layer is None:
                 raise HQExportError(f"adapter {spec.name} targets {module}, which the exported model has no layer for")
             expected = [weights.lora_B.shape[0], weights.lora_A.shape[1]]
-            if list(layer["shape"]) != expected:
-                raise HQExportError(f"adapter {spec.name}: {module} is {list(layer['shape'])} in the model, {expected} in the adapter")
+            if list(layer.shape) != expected:
+                raise HQExportError(f"adapter {spec.name}: {module} is {list(layer.shape)} in the model, {expected} in the adapter")
 
 
 def _module_values(
@@ -73,22 +73,22 @@ def _module_values(
 
 def apply_adapters(
     model: ir.Model | onnx.ModelProto,
-    manifest: Mapping[str, Any],
+    layers: Mapping[str, LayerNode],
     adapters: Sequence[AdapterSpec],
     mode: str,
-    base_linears: Mapping[str, QuantizedLinear] | None = None,
     *,
+    dtype: str = "fp32",
+    base_linears: Mapping[str, QuantizedLinear] | None = None,
     fill_untouched: bool = True,
     fused: bool = False,
 ) -> AdapterExport:
     """Add LoRA branches to `model` for `separate` or `bake` (an ir.Model is changed in place, a ModelProto copied).
 
-    manifest: the export's manifest dict ("layers" with node names and shapes, "model" with "dtype").
+    layers: where each source layer is in `model` (export/graph.py), by module path; dtype: the activation dtype.
     base_linears: the source's HQQ layers, needed only for DoRA (its factor uses the dequantized weight).
     fill_untouched: in separate mode each adapter file also holds rank-0 factors for the branches it does not
     use, so activating it alone always means exactly that adapter (at the price of never combining adapters).
-    fused: LoRA inside the HQQMatMulNBits nodes (fused.py; the manifest's layers then name each node's "path");
-    otherwise a branch beside each target node (graph.py).
+    fused: LoRA inside the targets' HQQMatMulNBits nodes (fused.py); otherwise a branch beside each target node (graph.py).
     """
     if mode not in ("separate", "bake"):
         raise HQExportError(f"--adapters {mode}: apply_adapters handles separate and bake (merge comes before export)")
@@ -96,8 +96,7 @@ def apply_adapters(
         return AdapterExport(model=model, manifest={})
     if mode == "bake" and len(adapters) != 1:
         raise HQExportError(f"--adapters bake builds one model per adapter; got {len(adapters)} adapters")
-    layers = manifest["layers"]
-    dtype, act_dtype = _DTYPES[manifest["model"]["dtype"]]
+    np_dtype, act_dtype = _DTYPES[dtype]
     _check_targets(adapters, layers)
 
     dora_modules = {m for spec in adapters if spec.use_dora for m in spec.modules}
@@ -105,13 +104,13 @@ def apply_adapters(
     if fused:
         if dora_modules:
             raise HQExportError("DoRA adapters need LoRA branches; they do not fuse into the layers' nodes")
-        return _apply_fused(model, layers, adapters, mode, modules, dtype, fill_untouched)
+        return _apply_fused(model, layers, adapters, mode, modules, np_dtype, fill_untouched)
     branches: dict[str, Branch] = {}
     for module in modules:
-        n, k = layers[module]["shape"]
+        n, k = layers[module].shape
         branch = Branch(module, in_features=k, out_features=n, dora=module in dora_modules)
         if mode == "bake":
-            values = _module_values(adapters[0], module, branch.dora, dtype, act_dtype, base_linears)
+            values = _module_values(adapters[0], module, branch.dora, np_dtype, act_dtype, base_linears)
             branch = Branch(
                 module, k, n, branch.dora,
                 lora_a_t=values[lora_a_name(module)],
@@ -119,16 +118,16 @@ def apply_adapters(
                 dora_scale=values.get(dora_scale_name(module)),
             )
         branches[module] = branch
-    model = insert_lora_branches(model, layers, branches, dtype=dtype, overridable=mode == "separate")
+    model = insert_lora_branches(model, layers, branches, dtype=np_dtype, overridable=mode == "separate")
 
     def parameters(spec: AdapterSpec) -> dict[str, np.ndarray]:
         params: dict[str, np.ndarray] = {}
         for module, branch in branches.items():
             if module in spec.modules:
-                params.update(_module_values(spec, module, branch.dora, dtype, act_dtype, base_linears))
+                params.update(_module_values(spec, module, branch.dora, np_dtype, act_dtype, base_linears))
             elif fill_untouched:
-                params[lora_a_name(module)] = np.zeros((branch.in_features, 0), dtype)
-                params[lora_b_name(module)] = np.zeros((0, branch.out_features), dtype)
+                params[lora_a_name(module)] = np.zeros((branch.in_features, 0), np_dtype)
+                params[lora_b_name(module)] = np.zeros((0, branch.out_features), np_dtype)
         return params
 
     return _export(model, adapters, mode, parameters)
@@ -153,7 +152,7 @@ def _export(
 
 def _apply_fused(
     model: ir.Model | onnx.ModelProto,
-    layers: Mapping[str, Mapping[str, Any]],
+    layers: Mapping[str, LayerNode],
     adapters: Sequence[AdapterSpec],
     mode: str,
     modules: Sequence[str],

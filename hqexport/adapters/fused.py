@@ -17,15 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from hqexport.adapters.graph import add_parameter, lora_a_name, lora_b_name
-from hqexport.adapters.peft_config import AdapterSpec
+from hqexport.adapters.spec import AdapterSpec
 from hqexport.adapters.values import lora_matmul_weights
 from hqexport.errors import HQExportError
+from hqexport.export.graph import LayerNode
 from hqexport.ops.nbits import LORA_COLUMNS, LORA_OP_TYPE
 from hqexport.ops.nbits import OP_TYPE as NBITS_OP_TYPE
 from hqexport.ops.schema import DOMAIN
@@ -46,24 +46,20 @@ class FusedGroup:
         return sum(stop - start for start, stop in self.columns)
 
 
-def fused_groups(layers: Mapping[str, Mapping[str, Any]], targets: Collection[str]) -> dict[str, FusedGroup]:
-    """The nodes computing `targets`, by node name.
-
-    `layers` holds per module path: "node" (its HQQMatMulNBits node), "path" (the node's module path), "shape"
-    ([out, in]) and, for a layer packed with others, "rows" (its output columns in the node's output).
-    """
+def fused_groups(layers: Mapping[str, LayerNode], targets: Collection[str]) -> dict[str, FusedGroup]:
+    """The HQQMatMulNBits nodes computing `targets` (module paths of `layers`), by node name."""
     members: dict[str, list[str]] = {}
     for module in targets:
         layer = layers.get(module)
         if layer is None:
             raise HQExportError(f"the exported graph has no node for target module {module}")
-        members.setdefault(layer["node"], []).append(module)
+        members.setdefault(layer.node, []).append(module)
     groups = {}
     for node, modules in members.items():
-        columns = {m: tuple(layers[m].get("rows") or (0, layers[m]["shape"][0])) for m in modules}
+        columns = {m: layers[m].rows or (0, layers[m].shape[0]) for m in modules}
         ordered = tuple(sorted(modules, key=lambda m: columns[m]))
         first = layers[ordered[0]]
-        groups[node] = FusedGroup(first["path"], node, first["shape"][1], ordered, tuple(columns[m] for m in ordered))
+        groups[node] = FusedGroup(first.module, node, first.shape[1], ordered, tuple(columns[m] for m in ordered))
     return groups
 
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from hqexport.errors import HQExportError
+from hqexport.export.graph import LayerNode
 
 
 def lora_a_name(module: str) -> str:
@@ -56,7 +56,7 @@ class Branch:
 
 def insert_lora_branches(
     model: ir.Model | onnx.ModelProto,
-    layers: Mapping[str, Mapping[str, Any]],
+    layers: Mapping[str, LayerNode],
     branches: Mapping[str, Branch],
     *,
     dtype: np.dtype,
@@ -64,8 +64,8 @@ def insert_lora_branches(
 ) -> ir.Model | onnx.ModelProto:
     """Add a branch per entry of `branches`; returns the model (an ir.Model is changed in place).
 
-    `layers` is the manifest's "layers" section: per module path the ONNX node name and initializer names (and, for a
-    layer packed with others, "rows" and the "output" value holding its part).
+    `layers`: where each layer is in the graph, by module path (for a layer packed with others, its rows and the
+    output value holding its part).
     overridable=True is separate mode (graph inputs with rank-0 defaults), False is bake mode (constants).
     """
     if isinstance(model, onnx.ModelProto):
@@ -75,7 +75,7 @@ def insert_lora_branches(
     taken = set(graph.initializers) | {value.name for value in graph.inputs}
     for module, branch in branches.items():
         layer = layers.get(module)
-        node = nodes.get(layer.get("node")) if layer is not None else None
+        node = nodes.get(layer.node) if layer is not None else None
         if node is None:
             raise HQExportError(f"the exported graph has no node for target module {module}")
         for name in (lora_a_name(module), lora_b_name(module), dora_scale_name(module)):
@@ -97,7 +97,7 @@ def add_parameter(graph: ir.Graph, name: str, value: np.ndarray, shape: list[int
 
 
 def _add_branch(
-    graph: ir.Graph, node: ir.Node, layer: Mapping[str, Any], branch: Branch, dtype: np.dtype, overridable: bool
+    graph: ir.Graph, node: ir.Node, layer: LayerNode, branch: Branch, dtype: np.dtype, overridable: bool
 ) -> None:
     module, k, n = branch.module, branch.in_features, branch.out_features
     rank = f"lora_r_{module}"
@@ -128,7 +128,7 @@ def _add_branch(
     if factor is not None:
         one = add_parameter(graph, f"{prefix}/one", np.ones((), dtype), None)
         no_bias = y_base
-        bias = (layer.get("initializers") or {}).get("bias")
+        bias = layer.initializers.get("bias")
         if bias:
             if bias not in graph.initializers:
                 raise HQExportError(f"the exported graph has no bias initializer {bias} for {module}")
@@ -150,20 +150,19 @@ def _add_branch(
     graph.insert_after(y_base.producer(), new)
 
 
-def _layer_output(graph: ir.Graph, node: ir.Node, layer: Mapping[str, Any]) -> ir.Value:
+def _layer_output(graph: ir.Graph, node: ir.Node, layer: LayerNode) -> ir.Value:
     """The value holding this layer's output: the node's, or its named part of a packed node's."""
-    name = layer.get("output")
-    if not name:
+    if layer.output is None:
         return node.outputs[0]
-    found = next((value for other in graph for value in other.outputs if value.name == name), None)
+    found = next((value for other in graph for value in other.outputs if value.name == layer.output), None)
     if found is None:
-        raise HQExportError(f"the exported graph has no value {name} for {layer.get('node')}")
+        raise HQExportError(f"the exported graph has no value {layer.output} for {layer.node}")
     return found
 
 
-def _layer_bias(graph: ir.Graph, bias: ir.Value, layer: Mapping[str, Any], prefix: str) -> ir.Value:
+def _layer_bias(graph: ir.Graph, bias: ir.Value, layer: LayerNode, prefix: str) -> ir.Value:
     """The layer's bias: the initializer, or its rows of a packed node's bias (a constant of its own)."""
-    rows = layer.get("rows")
-    if not rows:
+    rows = layer.rows
+    if rows is None:
         return bias
     return add_parameter(graph, f"{prefix}/bias", bias.const_value.numpy()[rows[0] : rows[1]], None)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from hqq.core.quantize import Quantizer, hqq_base_quant_config
 
-from hqexport.adapters.peft_config import AdapterSpec, LoraModuleWeights
+from hqexport.adapters.spec import AdapterSpec, LoraModuleWeights
 from hqexport.errors import HQExportError
 from hqexport.formats.dequant import dequantize_torch
 from hqexport.model import QuantizedLinear, QuantizedModel

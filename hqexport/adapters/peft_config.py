@@ -1,6 +1,6 @@
-"""PEFT LoRA adapter folders -> typed AdapterSpec, with PEFT's own targeting and scaling rules (peft 0.21).
+"""adapter_config.json: reading and checking it, with PEFT's own targeting and scaling rules (peft 0.21).
 
-What is read: `adapter_config.json` + `adapter_model.safetensors` (never a pickle). What PEFT does and we copy:
+What PEFT does and we copy:
 - target_modules: a str is `re.fullmatch`ed against the module path; a list matches a path equal to an entry or
   ending in ".entry"; `layers_to_transform` (+ `layers_pattern`) then keeps only the listed layer indices;
   `exclude_modules` removes matches. PEFT's "all-linear" finds no hqq layer (HQQLinear is not an nn.Linear), so
@@ -15,19 +15,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from hqexport.adapters.spec import AdapterSpec
 from hqexport.errors import HQExportError
 
 CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-_KEY_PREFIX = "base_model.model."
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 #: Config entries that change what the adapter computes and that we do not implement: refused when set.
 _REFUSED_OPTIONS = {
@@ -46,98 +41,6 @@ _REFUSED_OPTIONS = {
 }
 #: init_lora_weights values that leave the base weights untouched (others, e.g. PiSSA or LoftQ, rewrite the base).
 _BASE_PRESERVING_INITS = {"true", "false", "gaussian", "eva", "orthogonal"}
-
-
-@dataclass(frozen=True)
-class LoraModuleWeights:
-    """The LoRA factors of one target module, as PEFT stores them (lora_A [r, in], lora_B [out, r])."""
-
-    module: str
-    rank: int
-    alpha: float
-    scaling: float
-    lora_A: torch.Tensor
-    lora_B: torch.Tensor
-    magnitude: torch.Tensor | None = None  # DoRA's lora_magnitude_vector [out]
-
-    def delta(self) -> torch.Tensor:
-        """ΔW = (B @ A) * scaling, computed as PEFT's HqqLoraLinear.get_delta_weight does."""
-        return (self.lora_B @ self.lora_A) * self.scaling
-
-
-@dataclass
-class AdapterSpec:
-    """One LoRA adapter bound to a base model: its config and the weights of every module it targets."""
-
-    name: str
-    path: Path
-    config: dict[str, Any]
-    modules: dict[str, LoraModuleWeights] = field(default_factory=dict)
-
-    @property
-    def use_dora(self) -> bool:
-        return bool(self.config.get("use_dora"))
-
-    @property
-    def base_model_name_or_path(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
-
-    def summary(self) -> dict[str, Any]:
-        """What the manifest and `inspect` show."""
-        return {
-            "source": str(self.path),
-            "peft_type": self.config.get("peft_type", "LORA"),
-            "r": self.config.get("r"),
-            "lora_alpha": self.config.get("lora_alpha"),
-            "use_rslora": bool(self.config.get("use_rslora")),
-            "use_dora": self.use_dora,
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "targets": {
-                name: {"r": m.rank, "alpha": m.alpha, "scaling": m.scaling, "shape": [m.lora_B.shape[0], m.lora_A.shape[1]]}
-                for name, m in sorted(self.modules.items())
-            },
-        }
-
-
-def check_adapter_name(name: str, where: str | Path | None = None) -> str:
-    """Adapter names become file names (adapters/NAME.onnx_adapter): no separators, no '..', no leading dot."""
-    if not _NAME_RE.fullmatch(name) or ".." in name:
-        raise HQExportError(
-            f"adapter name {name!r} is not allowed: use letters, digits, '_', '-' and '.', not starting with '.', "
-            "without '..' or path separators",
-            where,
-        )
-    return name
-
-
-def parse_adapter_argument(value: str) -> tuple[str | None, Path]:
-    """`--adapter [NAME=]PATH` -> (NAME or None, PATH)."""
-    name, sep, path = value.partition("=")
-    if not sep:
-        return None, Path(value)
-    if not path:
-        raise HQExportError(f"--adapter {value!r}: nothing after '='; expected NAME=PATH")
-    return check_adapter_name(name), Path(path)
-
-
-def find_adapter_folders(path: Path, name: str | None = None) -> list[tuple[str, Path]]:
-    """The adapters under PATH: PATH itself and/or its sub-folders (PEFT saves non-default adapters there)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise HQExportError("adapter folder not found", path)
-    found: list[tuple[str, Path]] = []
-    if (path / CONFIG_FILE).is_file():
-        found.append((name or path.resolve().name, path))
-    for sub in sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()):
-        found.append((sub.name, sub))
-    if not found:
-        raise HQExportError(f"no {CONFIG_FILE} here or in a sub-folder: not a PEFT adapter folder", path)
-    if name is not None and len(found) > 1:
-        listed = ", ".join(n for n, _ in found)
-        raise HQExportError(f"holds several adapters ({listed}); drop NAME= and they keep these names", path)
-    for adapter_name, folder in found:
-        check_adapter_name(adapter_name, folder)
-    return found
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
@@ -235,37 +138,6 @@ def _patterns_compile(patterns: str | list[str]) -> bool:
     return all(_compiles(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in ([patterns] if isinstance(patterns, str) else patterns))
 
 
-def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    file = Path(folder) / WEIGHTS_FILE
-    if not file.is_file():
-        if (Path(folder) / "adapter_model.bin").is_file():
-            raise HQExportError(f"adapter_model.bin is a pickle; save the adapter as {WEIGHTS_FILE}", folder)
-        raise HQExportError(f"missing {WEIGHTS_FILE}", folder)
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError) as err:
-        raise HQExportError(f"cannot read: {err}", file) from None
-
-
-def split_weight_key(key: str, file: Path) -> tuple[str, str]:
-    """'base_model.model.X.lora_A.weight' -> ('X', 'lora_A'); refuses embedding LoRA and other trained tensors."""
-    body = key[len(_KEY_PREFIX) :] if key.startswith(_KEY_PREFIX) else key
-    for suffix, kind in (
-        (".lora_A.weight", "lora_A"),
-        (".lora_B.weight", "lora_B"),
-        (".lora_magnitude_vector.weight", "magnitude"),
-        (".lora_magnitude_vector", "magnitude"),
-    ):
-        if body.endswith(suffix):
-            return body[: -len(suffix)], kind
-    if "lora_embedding_" in body:
-        raise HQExportError(f"embedding LoRA ({key}) is not supported", file)
-    raise HQExportError(f"tensor {key} is not a LoRA factor (modules_to_save / trained bias?): not supported", file)
-
-
 def matches_target(config: Mapping[str, Any], module: str) -> bool:
     """PEFT's check_target_module_exists for one module path (exclude_modules, list/regex, layers_to_transform)."""
     exclude = config.get("exclude_modules")
@@ -321,102 +193,6 @@ def targeted_modules(config: Mapping[str, Any], base_layers: Iterable[str]) -> s
     if isinstance(targets, str) and targets.lower() == "all-linear":
         return {m for m in base_layers if m != "lm_head"}
     return {m for m in base_layers if matches_target(config, m)}
-
-
-def load_adapter(
-    folder: Path, name: str, base_layers: Mapping[str, Sequence[int]], other_modules: Iterable[str] = ()
-) -> AdapterSpec:
-    """Read one adapter folder and bind it to the base: `base_layers` maps HQQ linear paths to [out, in].
-
-    `other_modules` are the base's non-HQQ module paths (fp linears such as lm_head, embeddings): LoRA on them is
-    refused with a message that says so, rather than as an unknown module.
-    """
-    folder = Path(folder)
-    check_adapter_name(name, folder)
-    config = read_adapter_config(folder)
-    file = folder / WEIGHTS_FILE
-    tensors = _load_weights(folder)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        module, kind = split_weight_key(key, file)
-        parts.setdefault(module, {})[kind] = tensor
-    other = set(other_modules)
-    for module in sorted(parts):
-        if module not in base_layers:
-            if "embed" in module.rsplit(".", 1)[-1]:
-                raise HQExportError(f"embedding LoRA ({module}) is not supported", file)
-            if module in other:
-                raise HQExportError(f"LoRA on {module}, which is not an HQQ-quantized linear, is not supported", file)
-            raise HQExportError(f"unknown target module {module}: the base model has no HQQ linear of that name", file)
-    expected = targeted_modules(config, base_layers)
-    missing = sorted(expected - set(parts))
-    if missing:
-        raise HQExportError(f"no weights for targeted module {missing[0]} ({len(missing)} missing)", file)
-    if not parts:
-        raise HQExportError("holds no LoRA weights", file)
-    spec = AdapterSpec(name=name, path=folder.resolve(), config=config)
-    for module in sorted(parts):
-        spec.modules[module] = _module_weights(config, module, parts[module], tuple(base_layers[module]), file)
-    return spec
-
-
-def _module_weights(
-    config: Mapping[str, Any], module: str, part: Mapping[str, torch.Tensor], shape: tuple[int, ...], file: Path
-) -> LoraModuleWeights:
-    if "lora_A" not in part or "lora_B" not in part:
-        raise HQExportError(f"module {module} lacks {'lora_A' if 'lora_A' not in part else 'lora_B'}", file)
-    lora_A, lora_B = part["lora_A"], part["lora_B"]
-    out_features, in_features = (int(d) for d in shape)
-    rank, alpha, scaling = module_scaling(config, module)
-    if lora_A.ndim != 2 or lora_B.ndim != 2:
-        raise HQExportError(f"module {module}: LoRA factors must be matrices", file)
-    if tuple(lora_A.shape) != (rank, in_features) or tuple(lora_B.shape) != (out_features, rank):
-        raise HQExportError(
-            f"module {module}: lora_A {list(lora_A.shape)} / lora_B {list(lora_B.shape)} do not fit the base layer "
-            f"[{out_features}, {in_features}] at rank {rank}: adapter trained on another base model?",
-            file,
-        )
-    magnitude = part.get("magnitude")
-    if bool(config.get("use_dora")) != (magnitude is not None):
-        raise HQExportError(
-            f"module {module}: use_dora={bool(config.get('use_dora'))} but the magnitude vector is "
-            f"{'present' if magnitude is not None else 'missing'}",
-            file,
-        )
-    if magnitude is not None and tuple(magnitude.shape) != (out_features,):
-        raise HQExportError(f"module {module}: DoRA magnitude {list(magnitude.shape)} does not fit {out_features} outputs", file)
-    for label, tensor in (("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)):
-        if tensor is not None and not torch.isfinite(tensor.float()).all():
-            raise HQExportError(f"module {module}: {label} contains NaN or Inf", file)
-    return LoraModuleWeights(module, rank, alpha, scaling, lora_A, lora_B, magnitude)
-
-
-def load_adapters(
-    arguments: Sequence[str],
-    base_layers: Mapping[str, Sequence[int]],
-    other_modules: Iterable[str] = (),
-    source_config: Mapping[str, Any] | None = None,
-) -> list[AdapterSpec]:
-    """All `--adapter [NAME=]PATH` arguments, bound to the base; adapter names must be unique.
-
-    With `source_config` (the source's config.json), each adapter's base_model_name_or_path is checked too.
-    """
-    specs: list[AdapterSpec] = []
-    seen: dict[str, Path] = {}
-    for argument in arguments:
-        name, path = parse_adapter_argument(argument)
-        for adapter_name, folder in find_adapter_folders(path, name):
-            if adapter_name in seen:
-                raise HQExportError(
-                    f"adapter name {adapter_name!r} is used twice ({seen[adapter_name]} and {folder}); "
-                    "name them with --adapter NAME=PATH"
-                )
-            seen[adapter_name] = folder
-            spec = load_adapter(folder, adapter_name, base_layers, other_modules)
-            if source_config is not None:
-                check_base_model(spec, source_config)
-            specs.append(spec)
-    return specs
 
 
 _BASE_CONFIG_KEYS = (

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hqexport.adapters.peft_config import LoraModuleWeights
+from hqexport.adapters.spec import LoraModuleWeights
 from hqexport.formats.dequant import dequantize_torch
 from hqexport.model import QuantizedLinear
 

@@ -31,6 +31,7 @@ from hqexport.export.architectures import architecture, embedding_scale, head_di
 from hqexport.export.decoder import DecoderIO
 from hqexport.export.lazy import lazy_tensor
 from hqexport.formats.dequant import numpy_dtype, tensor_to_numpy
+from hqexport.manifest import Lowering
 from hqexport.model import QuantizedLinear, QuantizedModel
 from hqexport.ops.inputs import packed_inputs
 from hqexport.ops.schema import DOMAIN, MS_DOMAIN, OP_TYPE, SINCE_VERSION
@@ -52,12 +53,16 @@ def block_output_name(index: int) -> str:
 
 @dataclass(frozen=True)
 class LayerNode:
-    """Where one quantized layer ended up in the graph."""
+    """Where one quantized layer ended up in the graph, and the op computing it there (lowering may change both)."""
 
     node: str
     initializers: dict[str, str | None]  # op input ("weight", "scale", "zero", "bias") -> initializer name
+    shape: tuple[int, int]  # the layer's [out_features, in_features]
+    module: str  # the node's module path: the layer's, or a packed node's (e.g. model.layers.0.mlp.gate_up_proj)
+    op: str = f"{DOMAIN}.{OP_TYPE}"
     rows: tuple[int, int] | None = None  # the layer's output rows in a packed node, [start, stop)
     output: str | None = None  # the value holding only this layer's output, split off a packed node's
+    lowering: Lowering | None = None  # what the lowering pass did with the node
 
 
 @dataclass
@@ -328,7 +333,7 @@ class _Builder:
         start = 0
         for path, layer in zip(paths, layers):
             rows = (start, start + layer.out_features) if len(paths) > 1 else None
-            self.layers[path] = LayerNode(node, initializers, rows)
+            self.layers[path] = LayerNode(node, initializers, layer.shape, name, rows=rows)
             start += layer.out_features
         return y
 

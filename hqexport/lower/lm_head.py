@@ -33,9 +33,9 @@ from hqq.core.quantize import Quantizer, hqq_base_quant_config
 from hqexport.errors import HQExportError
 from hqexport.model import QuantizedLinear, QuantizedModel
 from hqexport.ops.schema import MS_DOMAIN
+from hqexport.options import LM_HEADS
 from hqexport.read.meta import layer_from_meta
 
-LM_HEADS = ("fp32", "int8", "int4")
 HEAD_GROUP_SIZE = 32
 GRID_ZERO = 128  # the exact int8 head's codes are q + 128, q in [-127, 127]
 GRID_CHECK_ROWS = 4096  # rows of the head checked at a time

@@ -27,6 +27,7 @@ import onnx_ir.passes.common as common_passes
 from hqexport.errors import HQExportError
 from hqexport.export.lazy import lazy_tensor
 from hqexport.formats.canonical import pack_canonical, unpack_canonical
+from hqexport.manifest import Lowering
 from hqexport.ops.nbits import OP_TYPE as NBITS_OP_TYPE
 from hqexport.ops.schema import DOMAIN, MS_DOMAIN
 
@@ -47,6 +48,10 @@ class LayerDecision:
 
     def to_json(self) -> dict:
         return {key: value for key, value in asdict(self).items() if value is not None}
+
+    def record(self) -> Lowering:
+        """The manifest's record of it: why the layer was kept, or the MatMulNBits form it got."""
+        return Lowering(self.reason, self.container_bits, self.accuracy_level, self.zero_correction)
 
 
 def matmulnbits_blocker(*, bits: int, group_size: int, axis: int, in_features: int) -> str | None:

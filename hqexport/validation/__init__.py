@@ -109,10 +109,10 @@ def validate(
         head_dim=head_dim,
         decode_text=tokenizer.decode,
         progress=say,
-        lossy=list(exported.model_info.get("lossy", [])),
+        lossy=list(exported.manifest.model.lossy),
     )
     kernels = onnx_model.kernels
-    if any(entry.get("op") == "hqexport.HQQMatMul" for entry in exported.layers.values()):
+    if any(entry.op == "hqexport.HQQMatMul" for entry in exported.layers.values()):
         notes.append(f"hqexport ops ran on the compiled kernels {kernels}" if kernels else "hqexport ops ran as their ONNX function body")
     if ctx.lossy:
         notes.append(

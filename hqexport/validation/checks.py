@@ -93,7 +93,7 @@ def check_weights(ctx: Context) -> CheckResult:
                 exact += 1
         else:
             entry = ctx.exported.layers[name]
-            tolerance = lowered_weight_tolerance(_dtype_label(entry.get("compute_dtype", "fp32")), ctx.exported.dtype)
+            tolerance = lowered_weight_tolerance(_dtype_label(entry.compute_dtype), ctx.exported.dtype)
             relative = difference(ref, got.weight).relative
             worst_lowered = max(worst_lowered, relative)
             if relative > tolerance:

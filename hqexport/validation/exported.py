@@ -6,7 +6,6 @@ no reference source) is an HQExportError naming the file.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,13 @@ from onnx import numpy_helper
 
 from hqexport.errors import HQExportError
 from hqexport.files import MANIFEST_FILE, MODEL_FILE
+from hqexport.manifest import LayerEntry, Manifest, read_manifest
 
 
 @dataclass
 class Exported:
     folder: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     graph: onnx.ModelProto  # structure only: external tensors are not loaded (read them with `initializer`)
 
     @property
@@ -30,20 +30,16 @@ class Exported:
         return self.folder / MODEL_FILE
 
     @property
-    def model_info(self) -> dict[str, Any]:
-        return self.manifest.get("model", {})
-
-    @property
     def dtype(self) -> str:
-        return str(self.model_info.get("dtype", "fp32"))
+        return self.manifest.model.dtype
 
     @property
-    def layers(self) -> dict[str, dict[str, Any]]:
-        return self.manifest.get("layers", {})
+    def layers(self) -> dict[str, LayerEntry]:
+        return self.manifest.layers
 
     @property
     def adapters(self) -> dict[str, dict[str, Any]]:
-        return self.manifest.get("adapters") or {}
+        return self.manifest.adapters
 
     def initializer(self, name: str) -> np.ndarray:
         """One initializer as numpy, reading only its bytes from external data."""
@@ -63,15 +59,7 @@ def open_exported(folder: Path) -> Exported:
     folder = Path(folder)
     if not folder.is_dir():
         raise HQExportError("exported folder not found", folder)
-    manifest_path = folder / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise HQExportError(f"has no {MANIFEST_FILE}; is it a folder written by `hqexport convert`?", folder)
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise HQExportError(f"is not valid JSON: {error}", manifest_path) from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), dict):
-        raise HQExportError("has no 'layers' table", manifest_path)
+    manifest = read_manifest(folder)
     model_path = folder / MODEL_FILE
     if not model_path.is_file():
         raise HQExportError(f"has no {MODEL_FILE}", folder)
@@ -112,11 +100,11 @@ def reference_source(exported: Exported, override: Path | None) -> Path:
     """--reference if given, else the source path recorded in the manifest (which must still exist)."""
     if override is not None:
         return Path(override)
-    source = exported.manifest.get("source") or {}
-    path = source.get("path")
+    source = exported.manifest.source
+    path = source.path
     if not path:
         raise HQExportError(
-            f"the manifest records no source folder (kind {source.get('kind', 'unknown')!r}); pass --reference SOURCE",
+            f"the manifest records no source folder (kind {source.kind!r}); pass --reference SOURCE",
             exported.folder / MANIFEST_FILE,
         )
     if not Path(path).is_dir():

@@ -22,6 +22,7 @@ import onnx
 from onnx import helper
 
 from hqexport.formats import unpack_canonical
+from hqexport.manifest import LayerEntry
 from hqexport.ops.reference import dequantize_canonical
 from hqexport.validation.exported import Exported
 
@@ -50,17 +51,15 @@ def _attrs(node: onnx.NodeProto) -> dict[str, int]:
     return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
 
 
-def _hqq(exported: Exported, name: str, entry: dict, nodes: dict[str, onnx.NodeProto]) -> DecodedWeight:
-    names = entry.get("initializers") or {}
-    node = nodes.get(entry.get("node", ""))
+def _hqq(exported: Exported, name: str, entry: LayerEntry, nodes: dict[str, onnx.NodeProto]) -> DecodedWeight:
+    names = entry.initializers
+    node = nodes.get(entry.node)
     if node is None or node.op_type != "HQQMatMul":
-        raise DecodeError(f"no HQQMatMul node named {entry.get('node')!r} in model.onnx")
+        raise DecodeError(f"no HQQMatMul node named {entry.node!r} in model.onnx")
     attrs = _attrs(node)
-    n, k = _node_n(entry, attrs), int(entry["shape"][1])
-    if (attrs.get("N"), attrs.get("K"), attrs.get("group_size"), attrs.get("axis")) != (
-        n, k, int(entry["group_size"]), int(entry["axis"])
-    ):
-        raise DecodeError(f"node attributes {attrs} disagree with the manifest {entry}")
+    n, k = _node_n(entry, attrs), entry.shape[1]
+    if (attrs.get("N"), attrs.get("K"), attrs.get("group_size"), attrs.get("axis")) != (n, k, entry.group_size, entry.axis):
+        raise DecodeError(f"node attributes {attrs} disagree with the manifest {entry.to_json()}")
     try:
         packed, scale, zero = (exported.initializer(names[key]) for key in ("weight", "scale", "zero"))
     except KeyError as error:
@@ -75,17 +74,16 @@ def _hqq(exported: Exported, name: str, entry: dict, nodes: dict[str, onnx.NodeP
     return DecodedWeight(_rows(weight, entry), exact=True)
 
 
-def _matmulnbits(exported: Exported, name: str, entry: dict, nodes: dict[str, onnx.NodeProto]) -> DecodedWeight:
-    prefix = entry.get("node") or name
-    names = {key: f"{prefix}.{key}" for key in ("B", "scales", "zero_points", "zero_correction")}
-    names.update(entry.get("initializers") or {})
+def _matmulnbits(exported: Exported, name: str, entry: LayerEntry, nodes: dict[str, onnx.NodeProto]) -> DecodedWeight:
+    names = {key: f"{entry.node}.{key}" for key in ("B", "scales", "zero_points", "zero_correction")}
+    names.update(entry.initializers)
     node = next((n for n in nodes.values() if n.op_type in _NBITS_OP_TYPES and len(n.input) > 1 and n.input[1] == names["B"]), None)
     if node is None:
         raise DecodeError(f"no MatMulNBits or HQQMatMulNBits node reads {names['B']!r}")
     attrs = _attrs(node)
     n, k, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
-    if [n, k] != [_node_n(entry, attrs), int(entry["shape"][1])] or block != int(entry["group_size"]):
-        raise DecodeError(f"MatMulNBits attributes {attrs} disagree with the manifest {entry}")
+    if [n, k] != [_node_n(entry, attrs), entry.shape[1]] or block != entry.group_size:
+        raise DecodeError(f"MatMulNBits attributes {attrs} disagree with the manifest {entry.to_json()}")
     blocks = k // block
     try:
         b = exported.initializer(names["B"])
@@ -107,23 +105,21 @@ def _matmulnbits(exported: Exported, name: str, entry: dict, nodes: dict[str, on
     return DecodedWeight(_rows(weight.reshape(n, k), entry), exact=False)
 
 
-def _node_n(entry: dict, attrs: dict) -> int:
+def _node_n(entry: LayerEntry, attrs: dict) -> int:
     """N of the node computing the layer: the layer's own, or in a packed node (the manifest's "rows" [start, stop)
     name the layer's part) the node's, if the part fits in it."""
-    rows = entry.get("rows")
-    if not rows:
-        return int(entry["shape"][0])
-    start, stop = (int(row) for row in rows)
-    fits = 0 <= start and stop - start == int(entry["shape"][0]) and stop <= int(attrs.get("N", -1))
+    if entry.rows is None:
+        return entry.shape[0]
+    start, stop = entry.rows
+    fits = 0 <= start and stop - start == entry.shape[0] and stop <= int(attrs.get("N", -1))
     return int(attrs["N"]) if fits else -1
 
 
-def _rows(weight: np.ndarray, entry: dict) -> np.ndarray:
-    rows = entry.get("rows")
-    return weight[rows[0] : rows[1]] if rows else weight
+def _rows(weight: np.ndarray, entry: LayerEntry) -> np.ndarray:
+    return weight if entry.rows is None else weight[entry.rows[0] : entry.rows[1]]
 
 
-DECODERS: dict[str, Callable[[Exported, str, dict, dict], DecodedWeight]] = {
+DECODERS: dict[str, Callable[[Exported, str, LayerEntry, dict], DecodedWeight]] = {
     HQQ_OP: _hqq, NBITS_OP: _matmulnbits, FUSED_NBITS_OP: _matmulnbits, LORA_NBITS_OP: _matmulnbits,
 }
 
@@ -133,9 +129,9 @@ def decode_layers(exported: Exported) -> dict[str, DecodedWeight | DecodeError]:
     nodes = _nodes_by_name(exported.graph)
     decoded: dict[str, DecodedWeight | DecodeError] = {}
     for name, entry in exported.layers.items():
-        decoder = DECODERS.get(entry.get("op", HQQ_OP))
+        decoder = DECODERS.get(entry.op)
         if decoder is None:
-            decoded[name] = DecodeError(f"op {entry.get('op')!r} has no weight decoder")
+            decoded[name] = DecodeError(f"op {entry.op!r} has no weight decoder")
             continue
         try:
             decoded[name] = decoder(exported, name, entry, nodes)
