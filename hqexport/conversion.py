@@ -43,7 +43,7 @@ from hqexport.lower import (
 )
 from hqexport.model import QuantizedLinear, QuantizedModel
 from hqexport.ops.nbits import LORA_OP_TYPE
-from hqexport.ops.schema import DOMAIN, OP_TYPE
+from hqexport.ops.schema import DOMAIN, HQQ_OP
 from hqexport.options import ACCURACY_LEVELS, ADAPTER_MODES, OPS
 from hqexport.read.folder import sha256
 from hqexport.read.source import read_source
@@ -54,7 +54,6 @@ from hqexport.write.onnx_file import write_onnx
 
 #: below this share of the adapter's delta surviving re-quantization, merge warns that the fine-tune is lost
 LOW_RETENTION = 0.5
-HQQ_OP = f"{DOMAIN}.{OP_TYPE}"
 
 
 @dataclass(frozen=True)

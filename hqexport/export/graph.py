@@ -34,16 +34,11 @@ from hqexport.formats.dequant import numpy_dtype, tensor_to_numpy
 from hqexport.manifest import Lowering
 from hqexport.model import QuantizedLinear, QuantizedModel
 from hqexport.ops.inputs import packed_inputs
-from hqexport.ops.schema import DOMAIN, MS_DOMAIN, OP_TYPE, SINCE_VERSION
+from hqexport.ops.schema import DOMAIN, HQQ_OP, MS_DOMAIN, OP_TYPE, SINCE_VERSION
 
 
 def node_name(layer_path: str) -> str:
     return f"{layer_path}/{OP_TYPE}"
-
-
-def layer_path(node: str) -> str:
-    """The module path a node_name was made from (a packed node's: e.g. model.layers.0.mlp.gate_up_proj)."""
-    return node.removesuffix(f"/{OP_TYPE}")
 
 
 def block_output_name(index: int) -> str:
@@ -59,7 +54,7 @@ class LayerNode:
     initializers: dict[str, str | None]  # op input ("weight", "scale", "zero", "bias") -> initializer name
     shape: tuple[int, int]  # the layer's [out_features, in_features]
     module: str  # the node's module path: the layer's, or a packed node's (e.g. model.layers.0.mlp.gate_up_proj)
-    op: str = f"{DOMAIN}.{OP_TYPE}"
+    op: str = HQQ_OP
     rows: tuple[int, int] | None = None  # the layer's output rows in a packed node, [start, stop)
     output: str | None = None  # the value holding only this layer's output, split off a packed node's
     lowering: Lowering | None = None  # what the lowering pass did with the node

@@ -29,7 +29,7 @@ from hqexport.export.lazy import lazy_tensor
 from hqexport.formats.canonical import pack_canonical, unpack_canonical
 from hqexport.manifest import Lowering
 from hqexport.ops.nbits import OP_TYPE as NBITS_OP_TYPE
-from hqexport.ops.schema import DOMAIN, MS_DOMAIN
+from hqexport.ops.schema import DOMAIN, HQQ_OP, MS_DOMAIN
 
 _CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}
 
@@ -100,7 +100,7 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
             if blocker is not None:
                 if self.mode == "ort":
                     raise HQExportError(f"--ops ort: layer {node.name} cannot run as MatMulNBits: {blocker}")
-                self.decisions[node.name] = LayerDecision(op="hqexport.HQQMatMul", reason=blocker)
+                self.decisions[node.name] = LayerDecision(op=HQQ_OP, reason=blocker)
                 continue
             self.decisions[node.name] = self._lower(graph, node, **attrs)
             modified = True

@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from hqexport.export.graph import LayerNode
 from hqexport.lower.matmulnbits import LayerDecision, LowerToMatMulNBits
-from hqexport.ops.schema import DOMAIN, OP_TYPE
+from hqexport.ops.schema import HQQ_OP
 
 #: makes a pass over the graph's hqexport.HQQMatMul nodes from (accuracy_level, nodes to fuse); the pass records a
 #: LayerDecision per node name in `decisions`
@@ -45,7 +45,7 @@ def lower_layers(
 
 
 def _lowered(layer: LayerNode, decision: LayerDecision) -> LayerNode:
-    if decision.op == f"{DOMAIN}.{OP_TYPE}":  # kept
+    if decision.op == HQQ_OP:  # kept
         return dataclasses.replace(layer, lowering=decision.record())
     return dataclasses.replace(
         layer, op=decision.op, node=decision.node, initializers=dict(decision.initializers or {}), lowering=decision.record()

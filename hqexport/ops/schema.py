@@ -15,6 +15,7 @@ DOMAIN = "hqexport"
 OP_TYPE = "HQQMatMul"
 SINCE_VERSION = 1
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits, GroupQueryAttention, ...)
+HQQ_OP = f"{DOMAIN}.{OP_TYPE}"  # the op as the manifest names it
 
 #: activation / output / bias dtypes the op accepts
 ACT_TYPES = ("tensor(float)", "tensor(float16)")

@@ -23,13 +23,15 @@ from onnx import helper
 
 from hqexport.formats import unpack_canonical
 from hqexport.manifest import LayerEntry
+from hqexport.ops.nbits import LORA_OP_TYPE
+from hqexport.ops.nbits import OP_TYPE as NBITS_OP_TYPE
 from hqexport.ops.reference import dequantize_canonical
+from hqexport.ops.schema import DOMAIN, HQQ_OP, MS_DOMAIN
 from hqexport.validation.exported import Exported
 
-HQQ_OP = "hqexport.HQQMatMul"
-NBITS_OP = "com.microsoft.MatMulNBits"
-FUSED_NBITS_OP = "hqexport.HQQMatMulNBits"
-LORA_NBITS_OP = "hqexport.HQQMatMulNBitsLoRA"  # the same codes, with adapters inside the node
+NBITS_OP = f"{MS_DOMAIN}.MatMulNBits"
+FUSED_NBITS_OP = f"{DOMAIN}.{NBITS_OP_TYPE}"
+LORA_NBITS_OP = f"{DOMAIN}.{LORA_OP_TYPE}"  # the same codes, with adapters inside the node
 _NBITS_OP_TYPES = ("MatMulNBits", "HQQMatMulNBits", "HQQMatMulNBitsLoRA")
 
 
