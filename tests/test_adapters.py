@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
@@ -169,7 +170,7 @@ def test_merge_retained_delta_is_low_for_a_small_delta(peft_models, workdir, bas
 K, N = 16, 8
 
 
-def _tiny_graph(with_bias: bool, rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[str, LayerNode], np.ndarray, np.ndarray]:
+def _tiny_graph(with_bias: bool, rng: np.random.Generator) -> tuple[ir.Model, dict[str, LayerNode], np.ndarray, np.ndarray]:
     """X [M, K] -> Gemm (stands in for an HQQMatMul node, bias included) -> Relu."""
     weight = rng.standard_normal((N, K)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32) if with_bias else np.zeros(N, np.float32)
@@ -187,7 +188,7 @@ def _tiny_graph(with_bias: bool, rng: np.random.Generator) -> tuple[onnx.ModelPr
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     layers = {"m.proj": LayerNode("/layer/HQQMatMul", {"bias": "b" if with_bias else None}, (N, K), "m.proj")}
-    return model, layers, weight, bias
+    return ir.from_proto(model), layers, weight, bias
 
 
 def _spec(name: str, rank: int, magnitude: bool, rng: np.random.Generator):
@@ -200,8 +201,8 @@ def _spec(name: str, rank: int, magnitude: bool, rng: np.random.Generator):
     return AdapterSpec(name=name, path=Path("/nowhere") / name, config={"use_dora": magnitude, "r": rank}, modules={"m.proj": weights})
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray, options=None) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+def _run(model: ir.Model, x: np.ndarray, options=None) -> np.ndarray:
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(["out"], {"x": x}, options)[0]
 
 
@@ -212,8 +213,8 @@ def test_separate_branches_in_a_tiny_graph(tmp_path):
     base_out = _run(model, x)
     specs = [_spec("one", 2, False, rng), _spec("two", 5, False, rng)]
     export = apply_adapters(model, layers, specs, "separate")
-    onnx.checker.check_model(export.model, full_check=True)
-    (tmp_path / "model.onnx").write_bytes(export.model.SerializeToString())
+    onnx.checker.check_model(ir.to_proto(export.model), full_check=True)
+    (tmp_path / "model.onnx").write_bytes(ir.to_proto(export.model).SerializeToString())
     export.write_files(tmp_path)
     adapters = ExportedAdapters(tmp_path)
     assert adapters.names == ["one", "two"]
@@ -248,7 +249,7 @@ def test_dora_branch_in_a_tiny_graph_with_bias(tmp_path, monkeypatch):
             np.testing.assert_allclose(_run(export.model, x), expected, rtol=1e-5, atol=1e-5)
             continue
         np.testing.assert_allclose(_run(export.model, x), np.maximum(base_y, 0), rtol=1e-6, atol=1e-6)
-        (tmp_path / "model.onnx").write_bytes(export.model.SerializeToString())
+        (tmp_path / "model.onnx").write_bytes(ir.to_proto(export.model).SerializeToString())
         export.write_files(tmp_path)
         got = _run(export.model, x, ExportedAdapters(tmp_path).run_options("d"))
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from hqexport.adapters.fused import FusedGroup, fuse_lora, rank0_parameters
+from hqexport.adapters.fused import FusedGroup, FuseLora, rank0_parameters
 from hqexport.errors import HQExportError
 from hqexport.lower import LowerToMatMulNBits
 from tests.test_lowering import K, N, _hqq_layer, _run, _session, _single_layer_model
@@ -26,7 +26,7 @@ def _fused_model(columns: list[tuple[int, int]], baked: dict[str, np.ndarray] | 
     model = LowerToMatMulNBits("auto")(_single_layer_model(hqq_layer)).model
     node = next(iter(model.graph)).name
     group = FusedGroup("layer0", node, K, tuple(f"part{i}" for i in range(len(columns))), tuple(columns))
-    fuse_lora(model, {node: group}, dtype=np.dtype(np.float32), baked=baked)
+    FuseLora({node: group}, dtype=np.dtype(np.float32), baked=baked)(model)
     with torch.no_grad():
         weight = hqq_layer.dequantize().double().numpy()
     return model, weight, group
@@ -115,4 +115,4 @@ def test_only_hqq_matmul_nbits_nodes_take_lora():
     model = _single_layer_model(_hqq_layer(4, 32, axis=1))
     group = FusedGroup("layer0", "layer0", K, ("layer0",), ((0, N),))
     with pytest.raises(HQExportError, match="LoRA fuses into an HQQMatMulNBits node, not layer0"):
-        fuse_lora(model, {"layer0": group}, dtype=np.dtype(np.float32), baked=None)
+        FuseLora({"layer0": group}, dtype=np.dtype(np.float32), baked=None)(model)

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import torch
 
-from hqexport.adapters.fused import fuse_lora, fused_groups, group_parameters, rank0_parameters
-from hqexport.adapters.graph import Branch, dora_scale_name, insert_lora_branches, lora_a_name, lora_b_name
+from hqexport.adapters.fused import FuseLora, fused_groups, group_parameters, rank0_parameters
+from hqexport.adapters.graph import Branch, InsertLoraBranches, dora_scale_name, lora_a_name, lora_b_name
 from hqexport.adapters.onnx_adapter import check_adapter_fits, write_adapter_file
 from hqexport.adapters.spec import AdapterSpec
 from hqexport.adapters.values import dora_factor, lora_matmul_weights
@@ -32,7 +31,7 @@ _DTYPES = {"fp32": (np.dtype(np.float32), torch.float32), "fp16": (np.dtype(np.f
 
 @dataclass
 class AdapterExport:
-    model: ir.Model | onnx.ModelProto
+    model: ir.Model
     manifest: dict[str, dict[str, Any]]
     files: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # separate: adapter -> parameters
 
@@ -72,7 +71,7 @@ def _module_values(
 
 
 def apply_adapters(
-    model: ir.Model | onnx.ModelProto,
+    model: ir.Model,
     layers: Mapping[str, LayerNode],
     adapters: Sequence[AdapterSpec],
     mode: str,
@@ -82,7 +81,7 @@ def apply_adapters(
     fill_untouched: bool = True,
     fused: bool = False,
 ) -> AdapterExport:
-    """Add LoRA branches to `model` for `separate` or `bake` (an ir.Model is changed in place, a ModelProto copied).
+    """Add LoRA branches to `model` for `separate` or `bake` (`model` is changed in place).
 
     layers: where each source layer is in `model` (export/graph.py), by module path; dtype: the activation dtype.
     base_linears: the source's HQQ layers, needed only for DoRA (its factor uses the dequantized weight).
@@ -118,7 +117,7 @@ def apply_adapters(
                 dora_scale=values.get(dora_scale_name(module)),
             )
         branches[module] = branch
-    model = insert_lora_branches(model, layers, branches, dtype=np_dtype, overridable=mode == "separate")
+    InsertLoraBranches(layers, branches, dtype=np_dtype, overridable=mode == "separate")(model)
 
     def parameters(spec: AdapterSpec) -> dict[str, np.ndarray]:
         params: dict[str, np.ndarray] = {}
@@ -134,7 +133,7 @@ def apply_adapters(
 
 
 def _export(
-    model: ir.Model | onnx.ModelProto, adapters: Sequence[AdapterSpec], mode: str, parameters: Callable[[AdapterSpec], dict[str, np.ndarray]]
+    model: ir.Model, adapters: Sequence[AdapterSpec], mode: str, parameters: Callable[[AdapterSpec], dict[str, np.ndarray]]
 ) -> AdapterExport:
     """The AdapterExport of `model`: per adapter its manifest entry and, in separate mode, its file's parameters."""
     result = AdapterExport(model=model, manifest={})
@@ -151,7 +150,7 @@ def _export(
 
 
 def _apply_fused(
-    model: ir.Model | onnx.ModelProto,
+    model: ir.Model,
     layers: Mapping[str, LayerNode],
     adapters: Sequence[AdapterSpec],
     mode: str,
@@ -161,11 +160,10 @@ def _apply_fused(
 ) -> AdapterExport:
     """apply_adapters with LoRA inside the nodes: one pair of parameters per adapted node (fused.py)."""
     groups = fused_groups(layers, modules)
-    graph_model = ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model
     baked = None
     if mode == "bake":
         baked = {name: value for group in groups.values() for name, value in group_parameters(group, adapters[0], dtype).items()}
-    fuse_lora(graph_model, groups, dtype=dtype, baked=baked)
+    FuseLora(groups, dtype=dtype, baked=baked)(model)
 
     def parameters(spec: AdapterSpec) -> dict[str, np.ndarray]:
         params: dict[str, np.ndarray] = {}
@@ -174,4 +172,4 @@ def _apply_fused(
             params.update(values if values is not None else rank0_parameters(group, dtype) if fill_untouched else {})
         return params
 
-    return _export(ir.to_proto(graph_model) if isinstance(model, onnx.ModelProto) else graph_model, adapters, mode, parameters)
+    return _export(model, adapters, mode, parameters)

@@ -89,31 +89,41 @@ def rank0_parameters(group: FusedGroup, dtype: np.dtype) -> dict[str, np.ndarray
     }
 
 
-def fuse_lora(model: ir.Model, groups: Mapping[str, FusedGroup], *, dtype: np.dtype, baked: Mapping[str, np.ndarray] | None) -> None:
-    """Turn each group's HQQMatMulNBits node into HQQMatMulNBitsLoRA (in place).
+class FuseLora(ir.passes.InPlacePass):
+    """Turn each group's HQQMatMulNBits node into HQQMatMulNBitsLoRA.
 
     baked: the parameters of the one adapter of bake mode (constants); None for separate mode (graph inputs with
     rank-0 defaults).
     """
-    graph = model.graph
-    nodes = {node.name: node for node in graph}
-    taken = set(graph.initializers) | {value.name for value in graph.inputs}
-    for group in groups.values():
-        node = nodes.get(group.node)
-        if node is None or node.domain != DOMAIN or node.op_type != NBITS_OP_TYPE:
-            raise HQExportError(f"{', '.join(group.modules)}: LoRA fuses into an HQQMatMulNBits node, not {group.node}")
+
+    def __init__(self, groups: Mapping[str, FusedGroup], *, dtype: np.dtype, baked: Mapping[str, np.ndarray] | None) -> None:
+        super().__init__()
+        self.groups, self.dtype, self.baked = groups, np.dtype(dtype), baked
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        nodes = {node.name: node for node in graph}
+        taken = set(graph.initializers) | {value.name for value in graph.inputs}
+        for group in self.groups.values():
+            node = nodes.get(group.node)
+            if node is None or node.domain != DOMAIN or node.op_type != NBITS_OP_TYPE:
+                raise HQExportError(f"{', '.join(group.modules)}: LoRA fuses into an HQQMatMulNBits node, not {group.node}")
+            for name in (lora_a_name(group.path), lora_b_name(group.path)):
+                if name in taken:
+                    raise HQExportError(f"the exported graph already has a tensor named {name}")
+            self._fuse(graph, node, group)
+        return ir.passes.PassResult(model, modified=bool(self.groups))
+
+    def _fuse(self, graph: ir.Graph, node: ir.Node, group: FusedGroup) -> None:
         a_name, b_name = lora_a_name(group.path), lora_b_name(group.path)
-        for name in (a_name, b_name):
-            if name in taken:
-                raise HQExportError(f"the exported graph already has a tensor named {name}")
-        if baked is None:
-            defaults = rank0_parameters(group, dtype)
+        if self.baked is None:
+            defaults = rank0_parameters(group, self.dtype)
             rows, rank = f"lora_rows_{group.path}", f"lora_r_{group.path}"
             lora_a = add_parameter(graph, a_name, defaults[a_name], [rows, group.in_features])
             lora_b = add_parameter(graph, b_name, defaults[b_name], [group.widths, rank])
         else:
-            lora_a = add_parameter(graph, a_name, baked[a_name], None)
-            lora_b = add_parameter(graph, b_name, baked[b_name], None)
+            lora_a = add_parameter(graph, a_name, self.baked[a_name], None)
+            lora_b = add_parameter(graph, b_name, self.baked[b_name], None)
         attributes = {**{key: attr.as_int() for key, attr in node.attributes.items()}, LORA_COLUMNS: [c for pair in group.columns for c in pair]}
         fused = ir.node(LORA_OP_TYPE, [*node.inputs, lora_a, lora_b], attributes, domain=DOMAIN, name=node.name)
         ir.convenience.replace_nodes_and_values(graph, node, [node], [fused], [node.outputs[0]], [fused.outputs[0]])

@@ -12,8 +12,6 @@ Names follow onnxruntime's LoRA conventions: `<module>.lora_A.weight` [in, r] an
 - separate: each is a graph input with an initializer of the same name (overridable), rank-0 ([in, 0], [0, out])
   and a factor of ones, so the base model runs unless an adapter overrides them;
 - bake: plain initializers holding one adapter's values.
-
-The pass works on onnx_ir (what the exporter produces); an onnx.ModelProto is converted in and out.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from hqexport.errors import HQExportError
@@ -54,35 +51,32 @@ class Branch:
     dora_scale: np.ndarray | None = None  # [out]
 
 
-def insert_lora_branches(
-    model: ir.Model | onnx.ModelProto,
-    layers: Mapping[str, LayerNode],
-    branches: Mapping[str, Branch],
-    *,
-    dtype: np.dtype,
-    overridable: bool,
-) -> ir.Model | onnx.ModelProto:
-    """Add a branch per entry of `branches`; returns the model (an ir.Model is changed in place).
+class InsertLoraBranches(ir.passes.InPlacePass):
+    """Add a branch per entry of `branches` (module path -> Branch).
 
     `layers`: where each layer is in the graph, by module path (for a layer packed with others, its rows and the
-    output value holding its part).
-    overridable=True is separate mode (graph inputs with rank-0 defaults), False is bake mode (constants).
+    output value holding its part). overridable=True is separate mode (graph inputs with rank-0 defaults), False
+    is bake mode (constants).
     """
-    if isinstance(model, onnx.ModelProto):
-        return ir.to_proto(insert_lora_branches(ir.from_proto(model), layers, branches, dtype=dtype, overridable=overridable))
-    graph = model.graph
-    nodes = {node.name: node for node in graph}
-    taken = set(graph.initializers) | {value.name for value in graph.inputs}
-    for module, branch in branches.items():
-        layer = layers.get(module)
-        node = nodes.get(layer.node) if layer is not None else None
-        if node is None:
-            raise HQExportError(f"the exported graph has no node for target module {module}")
-        for name in (lora_a_name(module), lora_b_name(module), dora_scale_name(module)):
-            if name in taken:
-                raise HQExportError(f"the exported graph already has a tensor named {name}")
-        _add_branch(graph, node, layer, branch, np.dtype(dtype), overridable)
-    return model
+
+    def __init__(self, layers: Mapping[str, LayerNode], branches: Mapping[str, Branch], *, dtype: np.dtype, overridable: bool) -> None:
+        super().__init__()
+        self.layers, self.branches, self.dtype, self.overridable = layers, branches, np.dtype(dtype), overridable
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        nodes = {node.name: node for node in graph}
+        taken = set(graph.initializers) | {value.name for value in graph.inputs}
+        for module, branch in self.branches.items():
+            layer = self.layers.get(module)
+            node = nodes.get(layer.node) if layer is not None else None
+            if node is None:
+                raise HQExportError(f"the exported graph has no node for target module {module}")
+            for name in (lora_a_name(module), lora_b_name(module), dora_scale_name(module)):
+                if name in taken:
+                    raise HQExportError(f"the exported graph already has a tensor named {name}")
+            _add_branch(graph, node, layer, branch, self.dtype, self.overridable)
+        return ir.passes.PassResult(model, modified=bool(self.branches))
 
 
 def add_parameter(graph: ir.Graph, name: str, value: np.ndarray, shape: list[int | str] | None) -> ir.Value:
