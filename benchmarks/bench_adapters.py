@@ -12,7 +12,7 @@ Per case, in a work folder: `hqexport convert` without the adapter (`base`), wit
 changing hqexport. One process then runs `--rounds` rounds of:
 - base: the export without adapters;
 - inactive: the separate export, no adapter active (its LoRA inputs keep their rank-0 defaults);
-- active: the same session with the adapter active (onnxruntime's LoraAdapter in the RunOptions);
+- active: the separate export with the adapter active (onnxruntime's LoraAdapter in the RunOptions);
 - baked: the baked export.
 All four decode `--decode` greedy steps after a `--prompt`-token prompt in lockstep (one step of each in turn) and
 prefill `--prefill` tokens three times each in turn, on plain onnxruntime with the kernel library each folder
@@ -30,12 +30,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_e2e import OrtModel, shipped_library, source_tokens
+from bench_e2e import onnx_tokens, source_tokens
 from common import RESULTS, median_seconds, report
+from generate import Decoder
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_SEVEN = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
@@ -113,21 +115,17 @@ def build_case(name: str, tiny: bool, work: Path) -> dict[str, Path]:
     return outs
 
 
-def lockstep_decode(models: dict[str, OrtModel], prompt: list[int], steps: int) -> dict[str, tuple[list[int], list[float]]]:
-    """Greedy-decode every model, one step of each in turn: (tokens, seconds per timed step) per model."""
-    state = {}
-    for name, model in models.items():
-        token, past = model.step(prompt, model.empty())
-        state[name] = ([token], [], past)
+def lockstep_decode(runs: dict[str, Iterator[int]], steps: int) -> dict[str, tuple[list[int], list[float]]]:
+    """Advance every token generator one step in turn: (tokens, seconds per timed step) of each. The first token
+    (the prompt's prefill) is not timed."""
+    generated = {name: [next(run)] for name, run in runs.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(steps):
-        for name, model in models.items():
-            generated, seconds, past = state[name]
+        for name, run in runs.items():
             started = time.perf_counter()
-            token, past = model.step([generated[-1]], past)
-            seconds.append(time.perf_counter() - started)
-            generated.append(token)
-            state[name] = (generated, seconds, past)
-    return {name: (generated, seconds) for name, (generated, seconds, _) in state.items()}
+            generated[name].append(next(run))
+            seconds[name].append(time.perf_counter() - started)
+    return {name: (generated[name], seconds[name]) for name in runs}
 
 
 def time_case(outs: dict[str, Path], tokens: list[int], args: argparse.Namespace) -> dict[str, dict]:
@@ -146,11 +144,9 @@ def time_case(outs: dict[str, Path], tokens: list[int], args: argparse.Namespace
         return options
 
     activate_ms = median_seconds(activate, repeats=50) * 1e3
-    separate = OrtModel(outs["separate"], shipped_library(outs["separate"]))
-    active = OrtModel(outs["separate"], shipped_library(outs["separate"]))
-    active.run_options = activate()
-    models = {"base": OrtModel(outs["base"], shipped_library(outs["base"])), "inactive": separate, "active": active,
-              "baked": OrtModel(outs["baked"], shipped_library(outs["baked"]))}
+    active = Decoder(outs["separate"])  # its own session: "inactive" keeps one without the adapter
+    models = {"base": Decoder(outs["base"]), "inactive": Decoder(outs["separate"]), "active": active, "baked": Decoder(outs["baked"])}
+    options = {variant: activate() if variant == "active" else ort.RunOptions() for variant in models}
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     prompt, prefill_ids = tokens[: args.prompt], tokens[: args.prefill]
     for _ in range(args.rounds):
@@ -158,9 +154,10 @@ def time_case(outs: dict[str, Path], tokens: list[int], args: argparse.Namespace
         for _ in range(3):  # the variants in turn, so that a slow moment of the machine hits them all
             for variant, model in models.items():
                 started = time.perf_counter()
-                model.step(prefill_ids, model.empty())
+                next(onnx_tokens(model, prefill_ids, 1, options[variant]))
                 prefill[variant].append(time.perf_counter() - started)
-        for variant, (generated, seconds) in lockstep_decode(models, prompt, args.decode).items():
+        runs_now = {variant: onnx_tokens(model, prompt, args.decode + 1, options[variant]) for variant, model in models.items()}
+        for variant, (generated, seconds) in lockstep_decode(runs_now, args.decode).items():
             runs[variant].append({"step_ms": [t * 1e3 for t in seconds], "prefill_ms": [t * 1e3 for t in prefill[variant]], "tokens": generated})
     results = {}
     for variant, rounds in runs.items():

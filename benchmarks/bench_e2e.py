@@ -14,8 +14,8 @@ In a work folder it builds, each in its own process (wall time, peak RSS):
   of the same dequantized weights: `-p fp32`, `-p int4` with its defaults (accuracy_level 4, block 32), and
   `-p int4` with accuracy_level 1 (fp32 compute) and the source's group size as block size.
 
-Each ONNX variant then runs in a fresh process (batch 1, greedy, default threads) through plain onnxruntime (with
-the kernel library registered where the folder ships one, as samples/python_generate does) and through
+Each ONNX variant then runs in a fresh process (batch 1, greedy, default threads) through plain onnxruntime, with
+samples/python_generate's Decoder (the code a user runs: it registers the kernel library the folder ships), and through
 onnxruntime-genai (which registers it from genai_config.json): prefill of `--prefill` tokens (onnxruntime only);
 a `--prompt`-token prompt, then `--decode` cached steps, each timed (tok/s = 1 / median step). Every variant runs `--rounds` times, the rounds
 interleaved (all variants once, then all again), and the table shows each timing's median over the rounds, so a
@@ -35,13 +35,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "samples" / "python_generate"))
 from common import RESULTS, median_seconds, report, status_kib
+from generate import Decoder, greedy
 from rich.console import Console
 from rich.table import Table
 
@@ -203,86 +206,54 @@ def run_validate(spec: dict) -> dict:
 # ---------------------------------------------------------------- running one variant
 
 
-class OrtModel:
-    """Greedy steps through an exported decoder in onnxruntime (cache shapes from genai_config.json)."""
-
-    def __init__(self, folder: Path, library: str | None) -> None:
-        import onnxruntime as ort
-
-        self.run_options: ort.RunOptions | None = None  # e.g. with a LoRA adapter active (bench_adapters.py)
-
-        options = ort.SessionOptions()
-        if library:
-            options.register_custom_ops_library(library)
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name for i in self.session.get_inputs()}
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-        self.layers = decoder["num_hidden_layers"]
-        self.kv_shape = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])
-
-    def empty(self):
-        import numpy as np
-
-        return {f"past_key_values.{i}.{kv}": np.zeros(self.kv_shape, np.float32) for i in range(self.layers) for kv in ("key", "value")}
-
-    def step(self, ids: list[int], past):  # -> (next token, present)
-        import numpy as np
-
-        done = next(iter(past.values())).shape[2]
-        feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, done + len(ids)), np.int64), **past}
-        if "position_ids" in self.inputs:
-            feeds["position_ids"] = np.arange(done, done + len(ids), dtype=np.int64)[None]
-        outputs = dict(zip(self.outputs, self.session.run(None, feeds, self.run_options)))
-        present = {name: outputs[name.replace("past_key_values.", "present.")] for name in past}
-        return int(outputs["logits"][0, -1].argmax()), present
-
-
 class TorchModel:
-    """Greedy steps through a transformers model with a DynamicCache."""
+    """Greedy tokens of a transformers model with a DynamicCache, the same generator shape as the sample's Decoder."""
 
     def __init__(self, model) -> None:
         self.model = model
 
-    def empty(self):
-        return None
-
-    def step(self, ids: list[int], past):
+    def generate(self, prompt: list[int], max_new_tokens: int) -> Iterator[int]:
         import torch
 
-        with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([ids]), cache=past, use_cache=True)
-        return int(out.logits[0, -1].argmax()), out.cache
+        ids, cache = torch.tensor([prompt]), None
+        for _ in range(max_new_tokens):
+            with torch.inference_mode():
+                out = self.model(input_ids=ids, cache=cache, use_cache=True)
+            cache, token = out.cache, int(out.logits[0, -1].argmax())
+            yield token
+            ids = torch.tensor([[token]])
 
 
-def decode(model, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
-    token, past = model.step(prompt, model.empty())
-    generated, seconds = [token], []
+def onnx_tokens(decoder: Decoder, prompt: list[int], max_new_tokens: int, options=None) -> Iterator[int]:
+    """Greedy tokens from samples/python_generate's Decoder (the user's path), EOS ignored."""
+    import onnxruntime as ort
+
+    return decoder.generate(prompt, max_new_tokens, greedy, options or ort.RunOptions(), stop_at_eos=False)
+
+
+def timed(tokens: Iterator[int], steps: int) -> tuple[list[int], list[float]]:
+    """The prompt's token (the prefill, untimed), then `steps` tokens, each timed."""
+    generated, seconds = [next(tokens)], []
     for _ in range(steps):
         started = time.perf_counter()
-        token, past = model.step([token], past)
+        generated.append(next(tokens))
         seconds.append(time.perf_counter() - started)
-        generated.append(token)
     return generated, seconds
 
 
-def genai_decode(folder: Path, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
-    """The same greedy decode through onnxruntime-genai's Generator (the prompt, then `steps` timed tokens)."""
+def genai_tokens(folder: Path, prompt: list[int], max_new_tokens: int) -> Iterator[int]:
+    """The same greedy tokens through onnxruntime-genai's Generator (which registers the library genai_config.json
+    names)."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))  # a kernel variant's genai_config names the library (kernel_genai_config)
+    model = og.Model(str(folder))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + steps + 1, do_sample=False)
+    params.set_search_options(max_length=len(prompt) + max_new_tokens, do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens([prompt])
-    generator.generate_next_token()  # the prompt's next token (the prefill's, untimed like in `decode`)
-    generated, seconds = [int(generator.get_next_tokens()[0])], []
-    for _ in range(steps):
-        started = time.perf_counter()
+    for _ in range(max_new_tokens):
         generator.generate_next_token()
-        seconds.append(time.perf_counter() - started)
-        generated.append(int(generator.get_next_tokens()[0]))
-    return generated, seconds
+        yield int(generator.get_next_tokens()[0])
 
 
 def run_variant(spec: dict) -> dict:
@@ -297,15 +268,17 @@ def run_variant(spec: dict) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     baseline, load_average = _rss_bytes(), os.getloadavg()[0]
     folder = Path(spec["path"])
+    tokens = spec["tokens"]
     if torch_variant:
         from hqexport.validation.reference import load_reference
 
         model = TorchModel(load_reference(folder).model)
+        run = model.generate
     else:
-        model = OrtModel(folder, spec.get("library"))
-    tokens = spec["tokens"]
-    prefill = median_seconds(lambda: model.step(tokens[: spec["prefill"]], model.empty()), warmup=1, repeats=3)
-    generated, seconds = decode(model, tokens[: spec["prompt"]], spec["decode"])
+        model = Decoder(folder)  # registers the kernel library the folder ships, as a user of the sample does
+        run = partial(onnx_tokens, model)
+    prefill = median_seconds(lambda: next(run(tokens[: spec["prefill"]], 1)), warmup=1, repeats=3)
+    generated, seconds = timed(run(tokens[: spec["prompt"]], spec["decode"] + 1), spec["decode"])
     result = {
         "prefill_ms": prefill * 1e3,
         "decode_ms": statistics.median(seconds) * 1e3,
@@ -315,8 +288,8 @@ def run_variant(spec: dict) -> dict:
     }
     if not torch_variant:
         del model
-        genai_tokens, genai_seconds = genai_decode(folder, tokens[: spec["prompt"]], spec["decode"])
-        result.update(genai_decode_ms=statistics.median(genai_seconds) * 1e3, genai_tokens=genai_tokens)
+        generated, seconds = timed(genai_tokens(folder, tokens[: spec["prompt"]], spec["decode"] + 1), spec["decode"])
+        result.update(genai_decode_ms=statistics.median(seconds) * 1e3, genai_tokens=generated)
     return result
 
 
@@ -383,12 +356,6 @@ def in_work_folder(work: Path | None, prefix: str, run: Callable[[Path], None]) 
             run(Path(scratch))
 
 
-def shipped_library(folder: Path) -> str | None:
-    """The kernel library a converted folder ships (named in its genai_config.json), if any."""
-    options = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {})
-    return str(folder / options["custom_ops_library"]) if "custom_ops_library" in options else None
-
-
 def source_tokens(source: Path, count: int) -> list[int]:
     import transformers
 
@@ -440,8 +407,7 @@ def benchmark(args: argparse.Namespace, work: Path, selected: list[str], out: Pa
     for round_ in range(args.rounds):  # every variant once per round, so that a slow spell of the machine hits them all
         for variant in runnable:
             spec = {"task": "run", "variant": variant, "round": f"round{round_}", "path": str(paths[variant]), "tokens": tokens,
-                    "prompt": args.prompt, "decode": args.decode, "prefill": args.prefill,
-                    "library": None if variant == "pytorch-hqq" else shipped_library(paths[variant])}
+                    "prompt": args.prompt, "decode": args.decode, "prefill": args.prefill}
             rounds[variant].append(run_task(spec, work))
     for variant in selected:
         if variant not in runnable:
