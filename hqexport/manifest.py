@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,7 +103,7 @@ class Manifest:
     layers: dict[str, LayerEntry]  # by module path
     adapters: dict[str, dict[str, Any]]  # by adapter name: its PEFT summary and mode (adapters/apply.py, merge.py)
     outputs: dict[str, str]  # each written file (relative path) -> sha256
-    format_version: int = field(default=FORMAT_VERSION)
+    format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
         return {
