@@ -159,7 +159,7 @@ def convert(
         fused_lora = bool(targets) and fp32_kernel and _lora_fuses(qmodel, specs, targets)
         with steps(f"Building the decoder graph (opset {opset})"):
             graph = build_decoder(qmodel, config, io, opset=opset, own_outputs=set() if fused_lora else targets, head=head)
-        layers = graph.layers
+        layers = dict(graph.layers)  # each layer's node and op, updated below by lowering and adapters
         adapter_export = None
         if targets and not fused_lora:
             with steps(f"Adding {len(specs)} adapter(s) ({mode})"):
