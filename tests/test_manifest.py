@@ -14,6 +14,7 @@ from hqexport.errors import HQExportError
 from hqexport.export.config import DTYPES
 from hqexport.lower import LOWERINGS
 from hqexport.manifest import Manifest, read_manifest
+from hqexport.validation.onnx_session import ORT_PROVIDERS
 from tests.conftest import FORMATS, manifest_json
 
 
@@ -57,7 +58,7 @@ def test_a_damaged_manifest_is_one_error_naming_the_file(tmp_path, damage, messa
 
 def test_every_choice_has_one_source():
     """The CLI's choices, the API's checks and the registries name the same options."""
-    assert tuple(LOWERINGS) == options.OPS and tuple(DTYPES) == options.DTYPES
+    assert tuple(LOWERINGS) == options.OPS and tuple(DTYPES) == options.DTYPES and tuple(ORT_PROVIDERS) == options.PROVIDERS
     convert_params = {param.name: param for param in main.commands["convert"].params}
     choices = {name: tuple(convert_params[name].type.choices) for name in ("ops", "dtype", "lm_head", "adapter_mode")}
     assert choices == {"ops": options.OPS, "dtype": options.DTYPES, "lm_head": options.LM_HEADS, "adapter_mode": options.ADAPTER_MODES}

@@ -21,13 +21,13 @@ from hqexport.kernels import register as register_kernels
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}  # options.PROVIDERS -> onnxruntime's name
 
 
 def providers_for(provider: str) -> list:
-    name = _PROVIDERS.get(provider)
+    name = ORT_PROVIDERS.get(provider)
     if name is None:
-        raise HQExportError(f"unknown provider {provider!r}; choose cpu or cuda")
+        raise HQExportError(f"unknown provider {provider!r}; choose {', '.join(ORT_PROVIDERS)}")
     if name not in ort.get_available_providers():
         raise HQExportError(f"this onnxruntime has no {name} (available: {', '.join(ort.get_available_providers())})")
     if provider == "cuda":  # TF32 would make fp32 matmuls ~1e-3 inexact; validate plain fp32
