@@ -29,7 +29,7 @@ from hqexport.export.lazy import lazy_tensor
 from hqexport.formats.canonical import pack_canonical, unpack_canonical
 from hqexport.manifest import Lowering
 from hqexport.ops.nbits import OP_TYPE as NBITS_OP_TYPE
-from hqexport.ops.schema import DOMAIN, HQQ_OP, MS_DOMAIN
+from hqexport.ops.schema import DOMAIN, HQQ_OP, MS_DOMAIN, OP_TYPE
 
 _CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}
 
@@ -91,7 +91,7 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         self._group_sums: dict[tuple[ir.Value, int], ir.Value] = {}
         self._indicators: dict[tuple[int, int, str], ir.Value] = {}
         for node in list(graph):
-            if node.domain != "hqexport" or node.op_type != "HQQMatMul":
+            if node.domain != DOMAIN or node.op_type != OP_TYPE:
                 continue
             attrs = {key: node.attributes.get_int(key) for key in ("N", "K", "bits", "group_size", "axis")}
             blocker = matmulnbits_blocker(

@@ -26,13 +26,13 @@ from hqexport.manifest import LayerEntry
 from hqexport.ops.nbits import LORA_OP_TYPE
 from hqexport.ops.nbits import OP_TYPE as NBITS_OP_TYPE
 from hqexport.ops.reference import dequantize_canonical
-from hqexport.ops.schema import DOMAIN, HQQ_OP, MS_DOMAIN
+from hqexport.ops.schema import DOMAIN, HQQ_OP, MS_DOMAIN, OP_TYPE
 from hqexport.validation.exported import Exported
 
 NBITS_OP = f"{MS_DOMAIN}.MatMulNBits"
 FUSED_NBITS_OP = f"{DOMAIN}.{NBITS_OP_TYPE}"
 LORA_NBITS_OP = f"{DOMAIN}.{LORA_OP_TYPE}"  # the same codes, with adapters inside the node
-_NBITS_OP_TYPES = ("MatMulNBits", "HQQMatMulNBits", "HQQMatMulNBitsLoRA")
+_NBITS_OP_TYPES = ("MatMulNBits", NBITS_OP_TYPE, LORA_OP_TYPE)
 
 
 @dataclass
@@ -56,7 +56,7 @@ def _attrs(node: onnx.NodeProto) -> dict[str, int]:
 def _hqq(exported: Exported, name: str, entry: LayerEntry, nodes: dict[str, onnx.NodeProto]) -> DecodedWeight:
     names = entry.initializers
     node = nodes.get(entry.node)
-    if node is None or node.op_type != "HQQMatMul":
+    if node is None or node.op_type != OP_TYPE:
         raise DecodeError(f"no HQQMatMul node named {entry.node!r} in model.onnx")
     attrs = _attrs(node)
     n, k = _node_n(entry, attrs), entry.shape[1]
