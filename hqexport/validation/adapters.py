@@ -22,8 +22,8 @@ from hqq.core.quantize import HQQLinear
 
 from hqexport.errors import HQExportError
 from hqexport.files import MANIFEST_FILE
-from hqexport.validation.checks import DECODE_STEPS, Context, judge_logits
-from hqexport.validation.metrics import difference, top1_agreement
+from hqexport.validation.checks import DECODE_STEPS, Context, compare_logits, judge_logits
+from hqexport.validation.metrics import difference
 from hqexport.validation.reference import Reference, use_activation_dtype
 from hqexport.validation.result import CheckResult
 from hqexport.validation.torch_session import returned_cache
@@ -91,12 +91,8 @@ def check_adapter(ctx: Context, name: str) -> CheckResult:
     finally:
         peft_model.unload()  # restores the base modules for the checks that follow
         ctx.reference.model = base_model
-    ref_all, got_all = np.concatenate(ref_rows), np.concatenate(got_rows)
-    diff = difference(ref_all, got_all)
-    effect = difference(np.concatenate(base_rows), ref_all)
-    limits = ctx.thresholds
-    tie = limits.logits_relative * diff.max_ref
-    top1 = top1_agreement(ref_all, got_all, tie)
+    diff, top1 = compare_logits(ctx, ref_rows, got_rows)
+    effect = difference(np.concatenate(base_rows), np.concatenate(ref_rows))
     figures = {
         "max_abs": diff.max_abs,
         "relative": diff.relative,
