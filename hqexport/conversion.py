@@ -144,7 +144,7 @@ def convert(
         io = decoder_io(config, DTYPES[dtype])
         library, kernels_error = _find_kernels(steps, with_kernels, ops)
         # the compiled kernel will run the layers, exactly (HQQMatMulNBits: ops/nbits.py)
-        fp32_kernel = ops == "auto" and accuracy_level == 0 and dtype == "fp32" and library is not None
+        fp32_kernel = ops == "auto" and dtype == "fp32" and library is not None
         head = None
         if choice.lossy:
             with steps(f"Quantizing the lm_head with hqq (--lm-head {lm_head}, lossy)"):
@@ -158,7 +158,8 @@ def convert(
         # LoRA inside the kernel's nodes (adapters/fused.py) where they all run on it; else a branch per target
         fused_lora = bool(targets) and fp32_kernel and _lora_fuses(qmodel, specs, targets)
         with steps(f"Building the decoder graph (opset {opset})"):
-            graph = build_decoder(qmodel, config, io, opset=opset, own_outputs=set() if fused_lora else targets, head=head)
+            graph = build_decoder(qmodel, config, io, opset=opset, own_outputs=set() if fused_lora else targets, head=head,
+                                  shortlist=choice.shortlist)
         layers = dict(graph.layers)  # each layer's node and op, updated below by lowering and adapters
         adapter_export = None
         if targets and not fused_lora:
@@ -179,7 +180,8 @@ def convert(
             adapter_manifest = adapter_export.manifest
         if head is not None:  # not a layer of the source: the manifest describes it under model.lm_head
             head_node = layers.pop(HEAD_PATH)
-            shared = config.tie_word_embeddings and head_node.op != HQQ_OP  # lowered: MatMulNBits tables
+            # the exact int8 head, lowered, holds the table in MatMulNBits' layout; a shortlist needs the fp one
+            shared = config.tie_word_embeddings and head_node.op != HQQ_OP and not choice.shortlist
             if shared:
                 share_embedding(graph.model, head_node.initializers, bits=storage_bits(head.fmt), block_size=head.fmt.group_size)
             choice = dataclasses.replace(choice, op=head_node.op, shared_with_embedding=shared if config.tie_word_embeddings else None)

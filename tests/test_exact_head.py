@@ -116,10 +116,29 @@ def test_default_export_stores_the_exact_grid(grid_source, tmp_path, tied, libra
     assert "top1_agreement" not in logits.threshold  # judged as an exact export
 
 
-@pytest.mark.parametrize("options", [{"with_kernels": False}, {"accuracy_level": 4}, {"ops": "hqq"}])
+def test_the_grid_stays_exact_at_accuracy_level_4(grid_source, tmp_path, library):
+    """--accuracy-level 4 quantizes the activations of 2- and 4-bit layers only: the kernel computes the 8-bit grid
+    in fp32, so the head's logits are the hidden state times the table (numpy, float64) to fp32 rounding."""
+    source = grid_source(True)
+    table = read_source(source).tensors["model.embed_tokens.weight"].numpy().astype(np.float64)
+    out = tmp_path / "out"
+    convert(source, out, progress=False, accuracy_level=4)
+    manifest = json.loads((out / "hqexport.json").read_text())
+    assert manifest["model"]["lm_head"]["format"] == "int8-exact" and manifest["model"]["lossy"] == ["accuracy_level 4"]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    head = next(n for n in model.graph.node if n.op_type == "HQQMatMulNBits" and n.input[1].startswith("lm_head"))
+    decoder = OnnxDecoder(out, "cpu", model=with_extra_outputs(model, [head.input[0]], 1))
+    step = decoder.step(np.array([[3]]), decoder.empty_cache(1, 2, table.shape[1] // 4))  # one row: the decode path
+    hidden = step.extras[head.input[0]][0].astype(np.float64)
+    expected = hidden @ table.T
+    bound = 8 * np.finfo(np.float32).eps * (np.abs(hidden) @ np.abs(table).T)
+    assert np.all(np.abs(step.logits[0] - expected) <= bound)
+
+
+@pytest.mark.parametrize("options", [{"with_kernels": False}, {"ops": "hqq"}])
 def test_the_grid_needs_the_library_and_the_exact_lowering(grid_source, tmp_path, options, library):
-    """Without the library the fused node would run as MatMulNBits' slow 8-bit fp32 path; --accuracy-level 4 would
-    make the head lossy; --ops hqq writes no fused node: each keeps the fp32 head."""
+    """Without the library the fused node would run as MatMulNBits' slow 8-bit fp32 path; --ops hqq writes no fused
+    node: each keeps the fp32 head."""
     out = tmp_path / "out"
     convert(grid_source(True), out, progress=False, **options)
     assert json.loads((out / "hqexport.json").read_text())["model"]["lm_head"] == {"format": "fp32", "lossy": False}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 
@@ -187,3 +188,63 @@ def test_fused_kernel_refuses_a_malformed_correction(library):
     correction.shape = ir.Shape([K // 64, N + 1])
     with pytest.raises(Exception, match=r"HQQMatMulNBits node 'layer0.*zero_correction of shape \[2, 49\]"):
         _run(model, np.zeros((1, K), np.float32), library)
+
+
+def _runs_avx2(library: Path) -> bool:
+    isa = ctypes.CDLL(str(library)).hqexport_cpu_isa
+    isa.restype = ctypes.c_char_p
+    return isa() == b"avx2"
+
+
+def _int8_activation_reference(x: np.ndarray, hqq_layer: HQQLinear, group_size: int) -> np.ndarray:
+    """What the kernel's int8 path computes, in float64 (docs/kernels.md): A rounded to int8 per block of 32 inputs
+    (scale = max |A| / 127, fp32 as the kernel rounds it) times the codes times the scale, minus the zero term on A
+    itself."""
+    scale = hqq_layer.meta["scale"].double().reshape(N, -1).repeat_interleave(group_size, dim=1).numpy()
+    zero = hqq_layer.meta["zero"].double().reshape(N, -1).repeat_interleave(group_size, dim=1).numpy()
+    codes = unpack_codes(hqq_layer.W_q.data.numpy(), N, x.shape[1], layer_from_meta("l", hqq_layer.W_q.data, hqq_layer.meta, None).fmt)
+    blocks = x.reshape(x.shape[0], -1, 32)
+    largest = np.abs(blocks).max(axis=-1, keepdims=True)
+    inverse = np.where(largest > 0, np.float32(127) / np.where(largest > 0, largest, 1), 0).astype(np.float32)
+    rounded = np.rint(blocks * inverse) * (largest / np.float32(127)).astype(np.float32)
+    a = rounded.reshape(x.shape).astype(np.float64)
+    return a @ (codes * scale).T - x.astype(np.float64) @ (zero * scale).T
+
+
+#: (nbits, group size, K, int8 path): 4-bit chunks (64 codes) within a group or holding two (g32), 2-bit chunks (128
+#: codes) likewise, 3-bit in the 4-bit container; 2-bit g32 (four groups per chunk), K not in whole chunks (96 at
+#: 4 bits) and 8-bit codes keep fp32
+INT8_CASES = [(4, 64, K, True), (4, 32, K, True), (4, 128, 256, True), (2, 128, 256, True), (2, 64, K, True),
+              (3, 64, K, True), (2, 32, K, False), (4, 32, 96, False), (8, 64, K, False)]
+
+
+@pytest.mark.parametrize("nbits, group_size, in_features, int8", INT8_CASES)
+def test_accuracy_level_4_kernel_quantizes_activations_to_int8(library, nbits, group_size, in_features, int8):
+    """At accuracy level 4 the fused node's kernel computes decode rows (M < 4) from int8 activations where its
+    int8 path applies, and exactly (fp32) elsewhere and from 4 rows on; the body runs MatMulNBits at level 4."""
+    int8 = int8 and _runs_avx2(library)  # the library's baseline (pre-AVX2) build has no int8 path
+    hqq_layer = _hqq_layer(nbits, group_size, axis=1, in_features=in_features, seed=7)
+    lowering = LowerToMatMulNBits("auto", accuracy_level=4)
+    model = lowering(_single_layer_model(hqq_layer)).model
+    node = next(iter(model.graph))
+    assert node.op_type == "HQQMatMulNBits" and node.attributes.get_int("accuracy_level") == 4
+    assert lowering.decisions["layer0"].accuracy_level == 4
+    kernel, body = _session(model, library), _session(model)
+    exact_body = _session(LowerToMatMulNBits("auto")(_single_layer_model(hqq_layer)).model)
+    with torch.no_grad():
+        weight = hqq_layer.dequantize().double().numpy()
+    fp32 = 64 * np.finfo(np.float32).eps
+    for rows in (1, 3, 5):
+        x = np.random.default_rng(rows).standard_normal((rows, in_features)).astype(np.float32)
+        got = kernel.run(None, {"A": x})[0]
+        exact = x.astype(np.float64) @ weight.T
+        scale = np.abs(exact).max()
+        if int8 and rows < 4:
+            expected = _int8_activation_reference(x, hqq_layer, group_size)
+            assert np.abs(got - expected).max() <= fp32 * scale  # the int8 computation, to fp32 rounding
+            assert np.abs(got - exact).max() > 100 * fp32 * scale  # which is not the exact one
+        else:
+            assert np.abs(got - exact).max() <= fp32 * scale
+        in_body = body.run(None, {"A": x})[0]  # stock MatMulNBits at level 4 loses about as much
+        assert np.abs(in_body - exact).max() <= 0.05 * scale
+        assert not np.array_equal(in_body, exact_body.run(None, {"A": x})[0])

@@ -26,6 +26,7 @@ from hqexport.conversion import convert
 from hqexport.errors import HQExportError
 from hqexport.formats import unpack_canonical
 from hqexport.formats.dequant import tensor_to_numpy
+from hqexport.lower.lm_head import SHORTLIST
 from hqexport.ops import op_inputs
 from hqexport.read.live import read_live_model
 from hqexport.read.source import read_source
@@ -114,8 +115,9 @@ def test_validate_passes_on_the_default_cli_export(source, lora_adapter, tmp_pat
 
 
 def test_accuracy_level_4_is_recorded_and_validate_measures_what_it_costs(source, tmp_path):
-    """--accuracy-level 4: every MatMulNBits node quantizes activations; the manifest lists it as lossy, the weights
-    still decode within tolerance, and validate holds the logits to top-1 agreement instead of exactness."""
+    """--accuracy-level 4: every layer's node (HQQMatMulNBits, whose kernel and MatMulNBits body then quantize
+    activations) carries the level; the manifest lists it as lossy, the weights still decode within tolerance, and
+    validate holds the logits to top-1 agreement instead of exactness."""
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["convert", str(source), "-o", str(out), "--accuracy-level", "4"])
     assert result.exit_code == 0, result.output
@@ -123,7 +125,8 @@ def test_accuracy_level_4_is_recorded_and_validate_measures_what_it_costs(source
     assert {entry["lowering"]["accuracy_level"] for entry in manifest["layers"].values()} == {4}
     assert manifest["model"]["lossy"] == ["accuracy_level 4"]
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    levels = [onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
+    levels = [onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type in ("MatMulNBits", "HQQMatMulNBits")
+              for a in n.attribute if a.name == "accuracy_level"]
     assert levels == [4] * len({entry["node"] for entry in manifest["layers"].values()})  # q/k/v and gate/up share a node
     report = validate(out, **QUICK)
     checks = _checks(report)
@@ -141,7 +144,8 @@ def test_accuracy_level_4_is_recorded_and_validate_measures_what_it_costs(source
 @pytest.mark.parametrize("tied", [False, True])
 def test_lm_head_int4_is_hqq_quantized_recorded_and_measured(hqq_source, tmp_path, tied):
     """--lm-head int4: the fp head becomes hqq's own 4-bit g32 quantization of it (weights compared with hqq's
-    quantizer run here), the manifest calls it lossy, and validate judges the logits by top-1 agreement."""
+    quantizer run here) that draws a shortlist rescored with the fp rows, the manifest calls it lossy, and validate
+    judges the logits by top-1 agreement."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
     source = hqq_source("llama", "pickle", tie_word_embeddings=tied, **FORMATS["4bit"])
@@ -150,9 +154,9 @@ def test_lm_head_int4_is_hqq_quantized_recorded_and_measured(hqq_source, tmp_pat
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "hqexport.json").read_text())
     qmodel = read_source(source)
-    head_entry = {"format": "int4", "lossy": True, "group_size": 32, "op": "hqexport.HQQMatMulNBits"}
-    assert manifest["model"]["lm_head"] == {**head_entry, **({"shared_with_embedding": True} if tied else {})}
-    assert manifest["model"]["lossy"] == ["lm_head int4" + (" (the tied embedding too)" if tied else "")]
+    head_entry = {"format": "int4", "lossy": True, "group_size": 32, "op": "hqexport.HQQMatMulNBits", "shortlist": SHORTLIST}
+    assert manifest["model"]["lm_head"] == {**head_entry, **({"shared_with_embedding": False} if tied else {})}
+    assert manifest["model"]["lossy"] == ["lm_head int4"]
     assert "lm_head" not in manifest["layers"]
     model = onnx.load(str(out / "model.onnx"))
     initializers = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -170,14 +174,19 @@ def test_lm_head_int4_is_hqq_quantized_recorded_and_measured(hqq_source, tmp_pat
     reference = expected.dequantize().double().numpy()
     assert np.abs(weight.reshape(vocab, hidden) - reference).max() <= 1e-6 * np.abs(reference).max()
     assert np.abs(reference - embedding.double().numpy()).max() > 1e-3  # really requantized: it is lossy
-    if tied:  # the embedding reads the same quantized table: no fp copy of it is left in the file
-        assert "model.embed_tokens.weight" not in initializers
-        assert [n.op_type for n in model.graph.node].count("GatherBlockQuantized") == 1
-        embedded = next(n.output[0] for n in reversed(model.graph.node) if n.name.startswith("/model/embed_tokens/"))
-        session = OnnxDecoder(out, "cpu", model=with_extra_outputs(onnx.load(str(out / "model.onnx"), load_external_data=False), [embedded], 1))
-        ids = np.array([[3, 17, vocab - 1]])
-        got = session.step(ids, session.empty_cache(1, 2, hidden // 4)).extras[embedded]
-        assert np.abs(got[0] - reference[ids[0]]).max() <= 1e-6 * np.abs(reference).max()  # the head's rows, dequantized
+    # the int4 head draws the shortlist; its SHORTLIST largest logits per position are recomputed from the fp rows,
+    # the others stay the int4 head's (both from the head's input, in float64)
+    session = OnnxDecoder(out, "cpu", model=with_extra_outputs(onnx.load(str(out / "model.onnx"), load_external_data=False), [head.input[0]], 1))
+    step = session.step(np.array([[3, 17, vocab - 1, 5]]), session.empty_cache(1, 2, hidden // 4))
+    normed = step.extras[head.input[0]][0].astype(np.float64)
+    approximate, exact = normed @ reference.T, normed @ embedding.double().numpy().T
+    shortlist = np.argsort(-approximate, axis=-1)[:, :SHORTLIST]
+    expected = approximate.copy()
+    np.put_along_axis(expected, shortlist, np.take_along_axis(exact, shortlist, axis=-1), axis=-1)
+    assert np.abs(step.logits[0] - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert np.abs(approximate - exact).max() > 1e-3 * np.abs(exact).max()  # the rescoring changed something
+    assert "model.embed_tokens.weight" in initializers  # the fp embedding, which also holds the shortlist's rows when tied
+    assert ("lm_head.weight" in initializers) == (not tied)  # else the fp head's, kept for them
     logits = _checks(validate(out, **QUICK))["logits"]
     assert logits.threshold == {"top1_agreement": 0.95} and logits.figures["relative"] > 0
 

@@ -74,22 +74,25 @@ def build_decoder(
     opset: int,
     own_outputs: Collection[str] = (),
     head: QuantizedLinear | None = None,
+    shortlist: int | None = None,
 ) -> DecoderGraph:
     """The decoder graph of `qmodel`; the layers in `own_outputs` (adapter targets) get an output value of their
     own (`LayerNode.output`: their part of a packed node's output, split off).
 
     head: an HQQ layer computing lm_head in place of the fp head (convert --lm-head, lower/lm_head.py).
+    shortlist: with `head`, recompute that many of its largest logits per position from the fp head's rows.
     """
-    builder = _Builder(qmodel, config, io, opset, set(own_outputs), head)
+    builder = _Builder(qmodel, config, io, opset, set(own_outputs), head, shortlist)
     return DecoderGraph(builder.build(), builder.layers)
 
 
 class _Builder:
     def __init__(
         self, qmodel: QuantizedModel, config: transformers.PretrainedConfig, io: DecoderIO, opset: int, own_outputs: set[str],
-        head: QuantizedLinear | None,
+        head: QuantizedLinear | None, shortlist: int | None,
     ) -> None:
         self.qmodel, self.config, self.io, self.own_outputs = qmodel, config, io, own_outputs
+        self.shortlist = shortlist if head is not None else None
         self.quantized = {**qmodel.linears, **({head.name: head} if head is not None else {})}
         self.arch = architecture(config)
         self.act = numpy_dtype(io.dtype)
@@ -275,11 +278,32 @@ class _Builder:
         return list(self.op("Split", [x, self.constant(f"{name}/sizes", np.array(sizes, np.int64))], axis=-1, outputs=len(sizes), name=name))
 
     def lm_head(self, x: ir.Value) -> ir.Value:
+        if self.shortlist:
+            return self.rescored(self.linear("lm_head", x), x, self.fp_head_rows())
         if not self.config.tie_word_embeddings or "lm_head" in self.quantized:
             return self.linear("lm_head", x)
         table = self.graph.initializers["model.embed_tokens.weight"]  # tied: the embedding read as [hidden, vocab]
         transposed = self.op("Transpose", [table], perm=[1, 0], name="/lm_head/Transpose")
         return self.op("MatMul", [x, transposed], name="/lm_head/MatMul")
+
+    def fp_head_rows(self) -> ir.Value:
+        """The fp head [vocab, hidden] in the activation dtype: the embedding's table when tied."""
+        if self.config.tie_word_embeddings:
+            return self.graph.initializers["model.embed_tokens.weight"]
+        weight = self.qmodel.tensors["lm_head.weight"]
+        return self.weight("lm_head.weight", self.act, tuple(weight.shape), lambda: tensor_to_numpy(weight).astype(self.act))
+
+    def rescored(self, logits: ir.Value, x: ir.Value, rows: ir.Value) -> ir.Value:
+        """`logits` with the shortlist's entries (its largest per position) recomputed as rows[token] . x."""
+        name = "/lm_head/shortlist"
+        count = self.constant(f"{name}/k", np.array([self.shortlist], np.int64))
+        _, tokens = self.op("TopK", [logits, count], axis=-1, outputs=2, name=f"{name}/TopK")
+        tokens.type = ir.TensorType(ir.DataType.INT64)
+        last = self.constant(f"{name}/last_axis", np.array([-1], np.int64))
+        gathered = self.op("Gather", [rows, tokens], axis=0, name=f"{name}/Gather")  # [batch, sequence, k, hidden]
+        column = self.op("Unsqueeze", [x, last], name=f"{name}/Unsqueeze")  # [batch, sequence, hidden, 1]
+        exact = self.op("Squeeze", [self.op("MatMul", [gathered, column], name=f"{name}/MatMul"), last], name=f"{name}/Squeeze")
+        return self.op("ScatterElements", [logits, tokens, exact], axis=-1, name=f"{name}/ScatterElements")
 
     # ------------------------------------------------------------ linears
 

@@ -6,8 +6,13 @@ The head of a small model is most of the bytes a decode step reads (SmolLM2-135M
 with hqq's own quantizer (group size `HEAD_GROUP_SIZE` along K, hqq's default optimizer), and the head then
 becomes one more HQQ layer of the graph: an hqexport.HQQMatMul node, lowered to MatMulNBits like the others.
 The manifest records the choice under model.lm_head and model.lossy, and validate measures what it costs.
-A tied embedding then reads the same quantized table (`share_embedding`: com.microsoft.GatherBlockQuantized
-plus the zero-point correction of the gathered rows), so the fp table leaves the file.
+
+The quantized head only draws a shortlist: the `SHORTLIST` tokens with the largest approximate logits get
+their logits recomputed from the exact fp rows (export/graph.py: TopK, Gather, MatMul, ScatterElements), so
+greedy decoding and top-k sampling see exact logits unless the best token falls outside the shortlist (on
+SmolLM2 the int4 head's rank of the exact top-1 token was at most 4 on validate's texts, and its plain top-1
+agreement 64%). The fp table stays in the file for that and for the embedding lookup; a decode step reads the
+quantized table plus SHORTLIST rows of it.
 
 An fp head that is exactly an int8 grid (int8 codes times one scale per 32 inputs: what GGUF's Q8_0 stores, so
 what a model read from such a file holds) is stored as that grid under the default `fp32` when the folder ships
@@ -37,6 +42,7 @@ from hqexport.options import LM_HEADS
 from hqexport.read.meta import layer_from_meta
 
 HEAD_GROUP_SIZE = 32
+SHORTLIST = 32  # tokens per position whose logits a lossy head's graph recomputes exactly
 GRID_ZERO = 128  # the exact int8 head's codes are q + 128, q in [-127, 127]
 GRID_CHECK_ROWS = 4096  # rows of the head checked at a time
 HEAD_PATH = "lm_head"
@@ -52,6 +58,7 @@ class HeadChoice:
     group_size: int | None = None
     op: str | None = None  # the op computing a quantized head (--lm-head int8/int4, or the exact int8 grid)
     shared_with_embedding: bool | None = None  # a tied embedding reads the quantized head's table
+    shortlist: int | None = None  # a lossy head: this many logits per position recomputed from the exact rows
 
     def to_json(self) -> dict:
         return {key: value for key, value in self.__dict__.items() if value is not None}
@@ -68,7 +75,9 @@ def head_choice(qmodel: QuantizedModel, mode: str) -> HeadChoice:
         if mode != "fp32":
             raise HQExportError(f"--lm-head {mode} applies to an fp lm_head; this model's lm_head is HQQ-quantized already")
         return HeadChoice("hqq", lossy=False)
-    return HeadChoice(mode, lossy=mode != "fp32", group_size=HEAD_GROUP_SIZE if mode != "fp32" else None)
+    if mode == "fp32":
+        return HeadChoice(mode, lossy=False)
+    return HeadChoice(mode, lossy=True, group_size=HEAD_GROUP_SIZE, shortlist=SHORTLIST)
 
 
 def quantize_head(qmodel: QuantizedModel, tied: bool, choice: HeadChoice) -> QuantizedLinear:

@@ -9,10 +9,10 @@ zero z is split into an integer part and a correction (design.md §5):
 where G [K, K / group_size] is 1 where input k belongs to group j (A @ G sums A over each group). Exact up to
 float rounding. 3-bit codes ride in a 4-bit container and 1-bit codes in a 2-bit one.
 
-In mode "auto", at accuracy level 0 with fp32 activations, the right-hand side is one hqexport.HQQMatMulNBits node
-(ops/nbits.py): its function body is that expression in stock ops, and hqexport's library runs it as one
-kernel. Otherwise (fp16, or a lossy accuracy level) the pass writes the expression itself, the group sums
-shared by the layers reading the same input. Layers whose zeros are integers already are a MatMulNBits alone.
+In mode "auto", with fp32 activations, the right-hand side is one hqexport.HQQMatMulNBits node (ops/nbits.py,
+carrying the accuracy level): its function body is that expression in stock ops, and hqexport's library runs it
+as one kernel. Otherwise (fp16, or mode "ort") the pass writes the expression itself, the group sums shared by
+the layers reading the same input. Layers whose zeros are integers already are a MatMulNBits alone.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from hqexport.errors import HQExportError
 from hqexport.export.lazy import lazy_tensor
 from hqexport.formats.canonical import pack_canonical, unpack_canonical
 from hqexport.manifest import Lowering
+from hqexport.ops.nbits import ACCURACY_LEVEL
 from hqexport.ops.nbits import OP_TYPE as NBITS_OP_TYPE
 from hqexport.ops.schema import DOMAIN, HQQ_OP, MS_DOMAIN, OP_TYPE
 
@@ -161,13 +162,13 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         ]
         shape = dict(K=K, N=N, bits=container, block_size=group_size)
         needs_correction = split.needs_correction()
-        fusable = self.mode == "auto" and self.accuracy_level == 0 and act_np == np.float32
-        fused = fusable and (needs_correction or node.name in self.fuse)
+        fused = self.mode == "auto" and act_np == np.float32 and (needs_correction or node.name in self.fuse)
         if needs_correction or fused:  # integer zero points need none: MatMulNBits alone is exact
             correction = initializer("zero_correction", lambda: split.correction().T.astype(act_np), act_np, (blocks, N))
             indicator = self._indicator(graph, K, group_size, act_np)
         if fused:  # one node: a compiled kernel where the library is registered, else its body (ops/nbits.py)
-            y = add(NBITS_OP_TYPE, [*quantized, indicator, correction], domain=DOMAIN, **shape)
+            level = {ACCURACY_LEVEL: self.accuracy_level} if self.accuracy_level else {}
+            y = add(NBITS_OP_TYPE, [*quantized, indicator, correction], domain=DOMAIN, **shape, **level)
         else:
             y = add("MatMulNBits", quantized, domain=MS_DOMAIN, accuracy_level=self.accuracy_level, **shape)
             if needs_correction:

@@ -17,7 +17,9 @@ constant-fold into fp32 weights); a session with the library runs one compiled k
     group_sum        [K, K / block_size]       float   1 where input k is in block j (shared by the layers)
     zero_correction  [K / block_size, N]       float   (zr - z) * s
 
-Attributes K, N, bits (2, 4 or 8: the container), block_size, as MatMulNBits' (accuracy level 0: exact).
+Attributes K, N, bits (2, 4 or 8: the container), block_size, and the optional accuracy_level, as MatMulNBits':
+absent or 0 is HQQ's exact layer; 4 (`--accuracy-level 4`) lets MatMulNBits in the body and the library's kernel
+quantize A to int8 (lossy, docs/kernels.md).
 
 hqexport::HQQMatMulNBitsLoRA is the same layer with a LoRA branch in the node (adapters/fused.py), so that an
 adapter costs no extra nodes and an inactive one (rank 0) no work. Two more inputs, graph inputs an adapter file
@@ -42,6 +44,8 @@ from hqexport.ops.schema import DOMAIN, MS_DOMAIN, SINCE_VERSION
 OP_TYPE = "HQQMatMulNBits"
 INPUTS = ("A", "B", "scales", "zero_points", "group_sum", "zero_correction")
 ATTRIBUTES = ("K", "N", "bits", "block_size")
+#: optional, as MatMulNBits': 0 (absent) computes in fp32; 4 allows int8 activations (lossy)
+ACCURACY_LEVEL = "accuracy_level"
 LORA_OP_TYPE = "HQQMatMulNBitsLoRA"
 LORA_INPUTS = (*INPUTS, "lora_A", "lora_B")
 LORA_COLUMNS = "lora_columns"
@@ -61,6 +65,7 @@ _TYPES = {"A": "T1", "B": "T2", "scales": "T1", "zero_points": "T2", "group_sum"
 
 def _schema(op_type: str, inputs: tuple[str, ...], doc: str, lora: bool) -> OpSchema:
     attributes = [OpSchema.Attribute(name, OpSchema.AttrType.INT, f"MatMulNBits' {name}", required=True) for name in ATTRIBUTES]
+    attributes.append(OpSchema.Attribute(ACCURACY_LEVEL, OpSchema.AttrType.INT, "MatMulNBits' accuracy_level (0: exact)", required=False))
     if lora:
         attributes.append(OpSchema.Attribute(LORA_COLUMNS, OpSchema.AttrType.INTS, "[start, stop) output columns per segment", required=True))
     return OpSchema(
@@ -93,7 +98,7 @@ def _attribute_reference(attribute: str, name: str, kind: int) -> onnx.Attribute
 def _layer_nodes(output: str) -> list[onnx.NodeProto]:
     """HQQMatMulNBits' expression (module docstring) in stock ops, written to `output`."""
     matmul_nbits = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points"], ["quantized"], domain=MS_DOMAIN)
-    matmul_nbits.attribute.extend(_attribute_reference(name, name, helper.AttributeProto.INT) for name in ATTRIBUTES)
+    matmul_nbits.attribute.extend(_attribute_reference(name, name, helper.AttributeProto.INT) for name in (*ATTRIBUTES, ACCURACY_LEVEL))
     return [
         matmul_nbits,
         helper.make_node("MatMul", ["A", "group_sum"], ["block_sums"]),
@@ -179,10 +184,10 @@ def _function(op_type: str, inputs: tuple[str, ...], nodes: list[onnx.NodeProto]
 def hqq_matmul_nbits_function(opset: int) -> FunctionProto:
     """The model-local function: the stock-op expression of the module docstring."""
     doc = "hqexport::HQQMatMulNBits body: MatMulNBits with uint8 zero points plus the zero-point correction"
-    return _function(OP_TYPE, INPUTS, _layer_nodes("Y"), list(ATTRIBUTES), opset, doc)
+    return _function(OP_TYPE, INPUTS, _layer_nodes("Y"), [*ATTRIBUTES, ACCURACY_LEVEL], opset, doc)
 
 
 def hqq_matmul_nbits_lora_function(opset: int) -> FunctionProto:
     """HQQMatMulNBitsLoRA's function: HQQMatMulNBits' body plus the LoRA branch (slow, but folds nothing to fp32)."""
     doc = "hqexport::HQQMatMulNBitsLoRA body: HQQMatMulNBits' plus a LoRA branch per segment of output columns"
-    return _function(LORA_OP_TYPE, LORA_INPUTS, _layer_nodes("base") + _lora_nodes("base", "Y"), [*ATTRIBUTES, LORA_COLUMNS], opset, doc)
+    return _function(LORA_OP_TYPE, LORA_INPUTS, _layer_nodes("base") + _lora_nodes("base", "Y"), [*ATTRIBUTES, ACCURACY_LEVEL, LORA_COLUMNS], opset, doc)

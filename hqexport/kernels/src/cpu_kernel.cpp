@@ -386,6 +386,16 @@ bool gemm(const Problem& p, SegmentFn segment, const float* A, float* Y, const R
 // 2^BITS |a|, so the error stays within the bound the factorized form already has (docs/kernels.md).
 constexpr bool prefix_form(int bits, int per) { return per > 1 && bits * per == 8; }
 
+// The sums of one row of A over each group of g inputs (g a multiple of 8), always in this order.
+inline void group_sums(const Problem& p, const float* a, float* out) {
+  for (int64_t gi = 0; gi < p.K / p.group_size; ++gi) {
+    v8f s = {};
+    const float* ag = a + gi * p.group_size;
+    for (int64_t k = 0; k < p.group_size; k += 8) s += load8(ag + k);
+    out[gi] = hsum(s);
+  }
+}
+
 constexpr int kFastRows = 4;  // output rows per pass: each load of A serves 4 rows
 
 struct FastJob {
@@ -484,6 +494,15 @@ void (*pick_fast(int bits))(void*, size_t) {
   }
 }
 
+// Y += bias (fp32 paths).
+void add_bias(const Problem& p, float* Y) {
+  const float* bias = static_cast<const float*>(p.bias);
+  if (bias == nullptr) return;
+  for (int64_t m = 0; m < p.M; ++m) {
+    for (int64_t n = 0; n < p.N; ++n) Y[m * p.N + n] += bias[n];
+  }
+}
+
 bool fast_gemv(const Problem& p, const Runner& runner) {
   const int per = static_cast<int>(codes_per_word(p.bits));
   const int64_t block = 8 * per;
@@ -513,25 +532,176 @@ bool fast_gemv(const Problem& p, const Runner& runner) {
         }
       }
     }
-    for (int64_t gi = 0; gi < groups_per_row; ++gi) {
-      v8f s = {};
-      const float* ag = a + gi * p.group_size;
-      for (int64_t k = 0; k < p.group_size; k += 8) s += load8(ag + k);
-      asums[m * groups_per_row + gi] = hsum(s);
-    }
+    group_sums(p, a, asums + m * groups_per_row);
   }
   FastJob job{&p, ablocks, asums, static_cast<float*>(p.Y)};
   runner.parallel_for(runner.ctx, pick_fast(p.bits), static_cast<size_t>((p.N + kGemvRows - 1) / kGemvRows), &job);
-  const float* bias = static_cast<const float*>(p.bias);
-  if (bias != nullptr) {
-    for (int64_t m = 0; m < p.M; ++m) {
-      for (int64_t n = 0; n < p.N; ++n) job.Y[m * p.N + n] += bias[n];
-    }
-  }
+  add_bias(p, job.Y);
   std::free(ablocks);
   std::free(asums);
   return true;
 }
+
+// ---- int8 GEMV (accuracy_level 4: M < 4, fp32 compute and activations, axis 1, 2- or 4-bit uint8 words; AVX2) ----
+//
+// MatMulNBits' accuracy level 4 allows int8 activations, and so does this path. Each block of 32 inputs of A is
+// quantized symmetrically (a_b = max |A| / 127, qa = round(A / a_b)); per group of W
+//
+//     sum_k A[k] (q[k] - z) s  ~  s * sum_b a_b * (sum_{k in b} qa[k] q[k])  -  s * z * (sum_k A[k])
+//
+// the inner sums in integers and the zero term with A's fp32 group sums, so only the rounding of A to int8 is lost
+// (HQQ's fractional zeros cost nothing here). A chunk is 32 bytes of a row of W, 32 * PER codes: vpmaddubsw
+// multiplies the unsigned codes of one shift (bytes masked to BITS bits) with int8 A permuted into the same
+// order and adds pairs into int16 (at most 2 * PER * 15 * 127, no saturation), vpmaddwd adds pairs of those into
+// int32. Lane l of that vector holds the chunk's bytes 4l .. 4l+3, so a block of A covers 8 / PER lanes and a
+// group of g codes g / (4 PER) lanes: one group spans whole chunks (g a multiple of 32 * PER), or a chunk holds
+// two groups (g = 16 * PER, SPLIT), its lanes 0-3 in the first.
+#ifdef __AVX2__
+constexpr int64_t kQuantBlock = 32;  // inputs of A per int8 scale
+
+constexpr int64_t int8_chunk(int bits) { return 32 * (8 / bits); }
+
+struct Int8Job {
+  const Problem* p;
+  const int8_t* Aq;      // [M, K] A in int8, per chunk PER runs of 32: Aq[chunk][j][i] = qa[32 PER chunk + PER i + j]
+  const float* Ascales;  // [M, K / chunk, 8] the block scale a_b of each int32 lane
+  const float* Asums;    // [M, K / g] fp32 group sums of A
+  float* Y;              // [M, N]
+};
+
+// The int32 lane sums of qa * q over one 32-byte chunk of W.
+template <int BITS>
+inline __m256i chunk_dot(const uint8_t* w, const __m256i* a) {
+  constexpr int kPer = 8 / BITS;
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  __m256i pairs = _mm256_maddubs_epi16(_mm256_and_si256(words, mask), a[0]);
+  for (int j = 1; j < kPer; ++j) {
+    const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(words, BITS * j), mask);
+    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(codes, a[j]));
+  }
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+template <int BITS, bool SPLIT, int R>
+inline void int8_rows(const Int8Job& job, int64_t n0) {
+  constexpr int kPer = 8 / BITS;
+  constexpr int64_t kChunk = int8_chunk(BITS);
+  const Problem& p = *job.p;
+  const int64_t chunks = p.K / kChunk;
+  const int64_t groups_per_row = p.K / p.group_size;
+  const int64_t chunks_per_group = SPLIT ? 1 : p.group_size / kChunk;
+  const float* scale = static_cast<const float*>(p.scale);
+  const float* zero = static_cast<const float*>(p.zero);
+  const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const uint8_t* rows[R];
+  const uint8_t* ahead[R];  // the next pass's rows, prefetched a cache line (two chunks) at a time
+  for (int r = 0; r < R; ++r) {
+    rows[r] = static_cast<const uint8_t*>(p.W) + (n0 + r) * p.row_words;
+    ahead[r] = n0 + R + r < p.N ? rows[r] + R * p.row_words : rows[r];
+  }
+  for (int64_t m = 0; m < p.M; ++m) {
+    const int8_t* aq = job.Aq + m * p.K;
+    const float* ascale = job.Ascales + m * chunks * 8;
+    const float* asum = job.Asums + m * groups_per_row;
+    v8f total[R] = {};
+    float offset[R] = {};
+    for (int64_t c0 = 0; c0 < chunks; c0 += chunks_per_group) {
+      v8f acc[R] = {};
+      for (int64_t c = c0; c < c0 + chunks_per_group; ++c) {
+        __m256i a[kPer];
+        for (int j = 0; j < kPer; ++j) a[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq + (c * kPer + j) * 32));
+        const v8f block_scale = load8(ascale + c * 8);
+        for (int r = 0; r < R; ++r) {
+          if (c % 2 == 0) __builtin_prefetch(ahead[r] + c * 32);
+          const v8f dot = __builtin_convertvector(reinterpret_cast<v8i>(chunk_dot<BITS>(rows[r] + c * 32, a)), v8f);
+          if constexpr (SPLIT) {  // lanes 0-3 in group 2c, 4-7 in group 2c + 1: the pair of scales, spread
+            const __m128 pair = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale + (n0 + r) * groups_per_row + 2 * c)));
+            const v8f group_scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), spread);
+            total[r] += dot * (block_scale * group_scale);
+          } else {
+            acc[r] += dot * block_scale;
+          }
+        }
+      }
+      if constexpr (!SPLIT) {
+        const int64_t gi = c0 / chunks_per_group;
+        for (int r = 0; r < R; ++r) total[r] += scale[(n0 + r) * groups_per_row + gi] * acc[r];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int64_t gi = 0; gi < groups_per_row; ++gi) {
+        const int64_t g = (n0 + r) * groups_per_row + gi;
+        offset[r] += scale[g] * zero[g] * asum[gi];
+      }
+      job.Y[m * p.N + n0 + r] = hsum(total[r]) - offset[r];
+    }
+  }
+}
+
+template <int BITS, bool SPLIT>
+void int8_task(void* data, size_t task) {
+  const Int8Job& job = *static_cast<const Int8Job*>(data);
+  const int64_t end = min64(job.p->N, static_cast<int64_t>(task + 1) * kGemvRows);
+  int64_t n = static_cast<int64_t>(task) * kGemvRows;
+  for (; n + kFastRows <= end; n += kFastRows) int8_rows<BITS, SPLIT, kFastRows>(job, n);
+  for (; n < end; ++n) int8_rows<BITS, SPLIT, 1>(job, n);
+}
+
+bool int8_applies(const Problem& p) {
+  if (p.accuracy_level != 4 || p.M >= 4 || p.axis != 1 || p.meta != DType::F32 || p.act != DType::F32) return false;
+  if (p.bits != 2 && p.bits != 4) return false;
+  const int64_t chunk = int8_chunk(p.bits);
+  return p.K % chunk == 0 && (p.group_size % chunk == 0 || 2 * p.group_size == chunk);
+}
+
+bool int8_gemv(const Problem& p, const Runner& runner) {
+  const int per = 8 / p.bits;
+  const int64_t chunk = int8_chunk(p.bits), chunks = p.K / chunk, groups_per_row = p.K / p.group_size;
+  int8_t* aq = static_cast<int8_t*>(std::malloc(static_cast<size_t>(p.M * p.K)));
+  float* ascales = static_cast<float*>(std::malloc(static_cast<size_t>(p.M * chunks * 8) * sizeof(float)));
+  float* asums = static_cast<float*>(std::malloc(static_cast<size_t>(p.M * groups_per_row) * sizeof(float)));
+  float block_scales[4];  // chunk / kQuantBlock = 8 / bits
+  if (aq == nullptr || ascales == nullptr || asums == nullptr) {
+    std::free(aq);
+    std::free(ascales);
+    std::free(asums);
+    return false;
+  }
+  const float* A = static_cast<const float*>(p.A);
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* a = A + m * p.K;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* x = a + c * chunk;
+      for (int64_t b = 0; b < chunk / kQuantBlock; ++b) {
+        float amax = 0.f;
+        for (int64_t k = 0; k < kQuantBlock; ++k) amax = std::max(amax, std::fabs(x[b * kQuantBlock + k]));
+        block_scales[b] = amax / 127.f;
+        const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+        for (int64_t k = 0; k < kQuantBlock; ++k) {
+          const int64_t i = (b * kQuantBlock + k) / per, j = (b * kQuantBlock + k) % per;  // byte i, shift j
+          aq[m * p.K + (c * per + j) * 32 + i] = static_cast<int8_t>(std::nearbyint(x[b * kQuantBlock + k] * inverse));
+        }
+      }
+      for (int l = 0; l < 8; ++l) ascales[(m * chunks + c) * 8 + l] = block_scales[4 * per * l / kQuantBlock];
+    }
+    group_sums(p, a, asums + m * groups_per_row);
+  }
+  Int8Job job{&p, aq, ascales, asums, static_cast<float*>(p.Y)};
+  const bool split = 2 * p.group_size == chunk;
+  void (*task)(void*, size_t) = p.bits == 4 ? (split ? &int8_task<4, true> : &int8_task<4, false>)
+                                            : (split ? &int8_task<2, true> : &int8_task<2, false>);
+  runner.parallel_for(runner.ctx, task, static_cast<size_t>((p.N + kGemvRows - 1) / kGemvRows), &job);
+  add_bias(p, job.Y);
+  std::free(aq);
+  std::free(ascales);
+  std::free(asums);
+  return true;
+}
+#else
+bool int8_applies(const Problem&) { return false; }
+bool int8_gemv(const Problem&, const Runner&) { return false; }
+#endif
 
 // HQQMatMulNBits whose zeros were not computed when the kernel was created (inputs that are not initializers):
 // compute them for this call, then run it as HQQMatMul.
@@ -636,6 +806,7 @@ bool lora_gemm(const Problem& p, float* T, const Runner& runner) {
 
 bool matmul(const Problem& p, const Runner& runner) {
   if (p.correction != nullptr) return with_zeros(p, runner);
+  if (int8_applies(p)) return int8_gemv(p, runner);
   if (fast_applies(p)) return fast_gemv(p, runner);
   const bool half = p.act == DType::F16;
   const size_t a_count = static_cast<size_t>(p.M * p.K);

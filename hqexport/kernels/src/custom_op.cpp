@@ -35,6 +35,7 @@ constexpr const char* kDomain = "hqexport";
 
 struct Attrs {
   int64_t N = 0, K = 0, bits = 0, group_size = 0, axis = 1;
+  int64_t accuracy_level = 0;  // HQQMatMulNBits[LoRA], optional: MatMulNBits' (4 allows int8 activations)
   std::vector<int64_t> lora_columns;  // HQQMatMulNBitsLoRA: [start, stop) of each segment's output columns
 };
 
@@ -195,6 +196,7 @@ std::string describe_nbits_inputs(Ort::KernelContext& ctx, const Attrs& a, Probl
   p.zero_points = static_cast<const uint8_t*>(ctx.GetInput(3).GetTensorRawData());
   p.correction = static_cast<const float*>(ctx.GetInput(5).GetTensorRawData());
   p.zp_row_bytes = zero_point_row_bytes(a);
+  p.accuracy_level = a.accuracy_level;
   return "";
 }
 
@@ -237,6 +239,7 @@ std::string check_nbits_attrs(const Attrs& a) {
   if (a.group_size < 16 || (a.group_size & (a.group_size - 1)) != 0 || a.K % a.group_size != 0) {
     return "block_size " + std::to_string(a.group_size) + " is not a power of 2 >= 16 dividing K = " + std::to_string(a.K);
   }
+  if (a.accuracy_level < 0 || a.accuracy_level > 4) return "accuracy_level must be 0 to 4, got " + std::to_string(a.accuracy_level);
   return "";
 }
 
@@ -258,6 +261,7 @@ std::string check_nbits_lora_attrs(const Attrs& a) {
 struct OpSpec {
   const char* op_type;
   std::vector<std::pair<const char*, int64_t Attrs::*>> attributes;
+  std::vector<std::pair<const char*, int64_t Attrs::*>> optional;  // left at their defaults when absent
   std::string (*check)(const Attrs&);
   std::string (*describe)(Ort::KernelContext&, const Attrs&, Problem&, std::vector<int64_t>&);
   size_t inputs;
@@ -267,12 +271,15 @@ struct OpSpec {
 
 const OpSpec kHqqSpec{"HQQMatMul",
                       {{"N", &Attrs::N}, {"K", &Attrs::K}, {"bits", &Attrs::bits}, {"group_size", &Attrs::group_size}, {"axis", &Attrs::axis}},
+                      {},
                       &check_attrs, &describe_hqq, 5, 4, false};
 const OpSpec kNbitsSpec{"HQQMatMulNBits",
                         {{"N", &Attrs::N}, {"K", &Attrs::K}, {"bits", &Attrs::bits}, {"block_size", &Attrs::group_size}},
+                        {{"accuracy_level", &Attrs::accuracy_level}},
                         &check_nbits_attrs, &describe_nbits, 6, 6, false};
 const OpSpec kNbitsLoraSpec{"HQQMatMulNBitsLoRA",
                             {{"N", &Attrs::N}, {"K", &Attrs::K}, {"bits", &Attrs::bits}, {"block_size", &Attrs::group_size}},
+                            {{"accuracy_level", &Attrs::accuracy_level}},
                             &check_nbits_lora_attrs, &describe_nbits_lora, 8, 8, true};
 
 bool cpu_has_avx2() {
@@ -386,6 +393,14 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
           return error(spec_->op_type, node, std::string("missing or non-integer attribute '") + name + "'");
         }
         a.*field = value;
+      }
+      for (const auto& [name, field] : spec_->optional) {
+        int64_t value = 0;
+        if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value)) {
+          Ort::GetApi().ReleaseStatus(status);  // absent: the default
+        } else {
+          a.*field = value;
+        }
       }
       if (spec_->lora) a.lora_columns = kinfo.GetAttributes<int64_t>("lora_columns");
       const std::string message = spec_->check(a);

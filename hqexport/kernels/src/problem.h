@@ -37,6 +37,9 @@ struct Problem {
   const uint8_t* zero_points = nullptr;
   const float* correction = nullptr;
   int64_t zp_row_bytes = 0;
+  // MatMulNBits' accuracy_level of an HQQMatMulNBits node: 4 lets the kernel quantize A to int8 (cpu_kernel.cpp's
+  // int8 GEMV); the other levels compute in fp32.
+  int64_t accuracy_level = 0;
   // hqexport::HQQMatMulNBitsLoRA (ops/nbits.py): a LoRA branch added to Y, scaling folded into lora_B. Segment s
   // adds (A @ lora_A[s * rank : (s + 1) * rank]^T) @ lora_B[its rows]^T to the output columns [lora_columns[2 s],
   // lora_columns[2 s + 1]); lora_B's rows follow the segments in order. lora_rank 0 (an inactive adapter): nothing.
