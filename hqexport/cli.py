@@ -99,8 +99,9 @@ def inspect(path: Path, as_json: bool) -> None:
     type=click.Choice([str(level) for level in options.ACCURACY_LEVELS]),
     default="0",
     show_default=True,
-    help="accuracy_level of the MatMulNBits nodes. 0: fp32 compute, exact. 4: activations quantized to int8 per "
-    "block: faster decode on CPU, but no longer HQQ's result (validate reports how far it moved).",
+    help="accuracy_level of the layers' nodes (MatMulNBits' attribute). 0: fp32 compute, exact. 4: activations "
+    "quantized to int8 per block of 32 for decode rows of 2- and 4-bit layers: faster decode on CPU, but no longer "
+    "HQQ's result (validate reports how far it moved).",
 )
 @click.option(
     "--with-kernels/--no-kernels",
@@ -118,8 +119,9 @@ def inspect(path: Path, as_json: bool) -> None:
     show_default=True,
     help="fp32: the fp lm_head keeps its exact values: a fp32 MatMul, or, when the table is exactly int8 codes "
     "x one scale per 32 inputs (GGUF Q8_0 sources) and the folder ships the kernels, that int8 grid. int8 / int4: "
-    "requantize it with hqq, group 32 (lossy; faster decode: the head is most of what a small model's decode step "
-    "reads; int8 is fast on CPU only with --accuracy-level 4). validate measures the loss.",
+    "requantize it with hqq, group 32, to pick 32 candidate tokens per position whose logits are then recomputed "
+    "from the fp rows (lossy; faster decode: the head is most of what a small model's decode step reads; the fp "
+    "table stays in the file). validate measures the loss.",
 )
 @click.option("--dtype", type=click.Choice(options.DTYPES), default="fp32", show_default=True, help="dtype of activations and fp weights.")
 @click.option("--opset", type=int, help="ONNX opset (default 20; 18-23).")

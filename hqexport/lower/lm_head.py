@@ -22,8 +22,9 @@ onnxruntime's MatMulNBits, whose fp32 path dequantizes 8-bit tables on every cal
 which is why a folder without the library (--no-kernels) keeps the fp32 head.
 
 hqq rather than round-to-nearest: on SmolLM2 an RTN int4 head (onnxruntime's quantizer, block 32) agreed with
-the exact model's top-1 token at 70% of validate's positions. On CPU an 8-bit MatMulNBits is fast only at
-accuracy_level 4 (its fp32 path dequantizes the whole matrix per call), so pair `int8` with `--accuracy-level 4`.
+the exact model's top-1 token at 70% of validate's positions, hqq's at 64% (both without the shortlist). Without
+the kernels library an 8-bit MatMulNBits is fast on CPU only at accuracy_level 4 (its fp32 path dequantizes the
+whole matrix per call), so such a folder pairs `int8` with `--accuracy-level 4`.
 """
 
 from __future__ import annotations
