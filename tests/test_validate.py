@@ -26,7 +26,7 @@ from hqexport.conversion import convert
 from hqexport.errors import HQExportError
 from hqexport.formats import unpack_canonical
 from hqexport.formats.dequant import tensor_to_numpy
-from hqexport.lower.lm_head import SHORTLIST
+from hqexport.lower.lm_head import HEAD_GROUP_SIZE, SHORTLIST
 from hqexport.ops import op_inputs
 from hqexport.read.live import read_live_model
 from hqexport.read.source import read_source
@@ -143,7 +143,7 @@ def test_accuracy_level_4_is_recorded_and_validate_measures_what_it_costs(source
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_lm_head_int4_is_hqq_quantized_recorded_and_measured(hqq_source, tmp_path, tied):
-    """--lm-head int4: the fp head becomes hqq's own 4-bit g32 quantization of it (weights compared with hqq's
+    """--lm-head int4: the fp head becomes hqq's own 4-bit g64 quantization of it (weights compared with hqq's
     quantizer run here) that draws a shortlist rescored with the fp rows, the manifest calls it lossy, and validate
     judges the logits by top-1 agreement."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
@@ -154,7 +154,7 @@ def test_lm_head_int4_is_hqq_quantized_recorded_and_measured(hqq_source, tmp_pat
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "hqexport.json").read_text())
     qmodel = read_source(source)
-    head_entry = {"format": "int4", "lossy": True, "group_size": 32, "op": "hqexport.HQQMatMulNBits", "shortlist": SHORTLIST}
+    head_entry = {"format": "int4", "lossy": True, "group_size": HEAD_GROUP_SIZE, "op": "hqexport.HQQMatMulNBits", "shortlist": SHORTLIST}
     assert manifest["model"]["lm_head"] == {**head_entry, **({"shared_with_embedding": False} if tied else {})}
     assert manifest["model"]["lossy"] == ["lm_head int4"]
     assert "lm_head" not in manifest["layers"]
@@ -165,11 +165,11 @@ def test_lm_head_int4_is_hqq_quantized_recorded_and_measured(hqq_source, tmp_pat
     vocab, hidden = embedding.shape
     linear = torch.nn.Linear(hidden, vocab, bias=False)
     linear.weight.data = embedding.clone()
-    expected = HQQLinear(linear, BaseQuantizeConfig(nbits=4, group_size=32, axis=1), compute_dtype=torch.float32, device="cpu")
-    blocks = hidden // 32
+    expected = HQQLinear(linear, BaseQuantizeConfig(nbits=4, group_size=64, axis=1), compute_dtype=torch.float32, device="cpu")
+    blocks = hidden // 64
     codes = unpack_canonical(initializers[head.input[1]].reshape(vocab, -1), hidden, 4).astype(np.float64)
     zero_points = unpack_canonical(initializers[head.input[3]].reshape(vocab, -1), blocks, 4).astype(np.float64)
-    weight = (codes.reshape(vocab, blocks, 32) - zero_points[:, :, None]) * initializers[head.input[2]].astype(np.float64).reshape(vocab, blocks, 1)
+    weight = (codes.reshape(vocab, blocks, 64) - zero_points[:, :, None]) * initializers[head.input[2]].astype(np.float64).reshape(vocab, blocks, 1)
     weight += initializers["lm_head/HQQMatMul.zero_correction"].astype(np.float64).T[:, :, None]
     reference = expected.dequantize().double().numpy()
     assert np.abs(weight.reshape(vocab, hidden) - reference).max() <= 1e-6 * np.abs(reference).max()

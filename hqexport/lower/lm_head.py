@@ -3,15 +3,15 @@ convert time (lossy, explicit, validated).
 
 The head of a small model is most of the bytes a decode step reads (SmolLM2-135M: 113 of 180 MB in fp32).
 `fp32` (the default) leaves it a fp32 MatMul, bit for bit the source's weights. `int8` / `int4` quantize it
-with hqq's own quantizer (group size `HEAD_GROUP_SIZE` along K, hqq's default optimizer), and the head then
+with hqq's own quantizer (hqq's default group size, `HEAD_GROUP_SIZE`, along K, and its default optimizer), and the head then
 becomes one more HQQ layer of the graph: an hqexport.HQQMatMul node, lowered to MatMulNBits like the others.
 The manifest records the choice under model.lm_head and model.lossy, and validate measures what it costs.
 
 The quantized head only draws a shortlist: the `SHORTLIST` tokens with the largest approximate logits get
 their logits recomputed from the exact fp rows (export/graph.py: TopK, Gather, MatMul, ScatterElements), so
 greedy decoding and top-k sampling see exact logits unless the best token falls outside the shortlist (on
-SmolLM2 the int4 head's rank of the exact top-1 token was at most 4 on validate's texts, and its plain top-1
-agreement 64%). The fp table stays in the file for that and for the embedding lookup; a decode step reads the
+SmolLM2 the int4 head (group 64) ranked the exact top-1 token 4th at worst on validate's texts, and its plain
+top-1 agreement was 61%). The fp table stays in the file for that and for the embedding lookup; a decode step reads the
 quantized table plus SHORTLIST rows of it.
 
 An fp head that is exactly an int8 grid (int8 codes times one scale per 32 inputs: what GGUF's Q8_0 stores, so
@@ -22,7 +22,7 @@ onnxruntime's MatMulNBits, whose fp32 path dequantizes 8-bit tables on every cal
 which is why a folder without the library (--no-kernels) keeps the fp32 head.
 
 hqq rather than round-to-nearest: on SmolLM2 an RTN int4 head (onnxruntime's quantizer, block 32) agreed with
-the exact model's top-1 token at 70% of validate's positions, hqq's at 64% (both without the shortlist). Without
+the exact model's top-1 token at 70% of validate's positions, hqq's (group 32) at 64%, both without the shortlist. Without
 the kernels library an 8-bit MatMulNBits is fast on CPU only at accuracy_level 4 (its fp32 path dequantizes the
 whole matrix per call), so such a folder pairs `int8` with `--accuracy-level 4`.
 """
@@ -42,7 +42,8 @@ from hqexport.ops.schema import MS_DOMAIN
 from hqexport.options import LM_HEADS
 from hqexport.read.meta import layer_from_meta
 
-HEAD_GROUP_SIZE = 32
+HEAD_GROUP_SIZE = 64  # --lm-head int8 / int4: hqq's default group size
+GRID_BLOCK = 32  # the exact int8 grid's block (GGUF Q8_0's)
 SHORTLIST = 32  # tokens per position whose logits a lossy head's graph recomputes exactly
 GRID_ZERO = 128  # the exact int8 head's codes are q + 128, q in [-127, 127]
 GRID_CHECK_ROWS = 4096  # rows of the head checked at a time
@@ -65,7 +66,7 @@ class HeadChoice:
         return {key: value for key, value in self.__dict__.items() if value is not None}
 
 
-EXACT_INT8_HEAD = HeadChoice("int8-exact", lossy=False, group_size=HEAD_GROUP_SIZE)  # exact_int8_head's storage
+EXACT_INT8_HEAD = HeadChoice("int8-exact", lossy=False, group_size=GRID_BLOCK)  # exact_int8_head's storage
 
 
 def head_choice(qmodel: QuantizedModel, mode: str) -> HeadChoice:
@@ -99,11 +100,11 @@ def exact_int8_head(qmodel: QuantizedModel, tied: bool) -> QuantizedLinear | Non
     for bit, as hqq dequantizes it.
     """
     weight = qmodel.tensors["model.embed_tokens.weight" if tied else f"{HEAD_PATH}.weight"]
-    if weight.dtype != torch.float32 or weight.shape[1] % HEAD_GROUP_SIZE:
+    if weight.dtype != torch.float32 or weight.shape[1] % GRID_BLOCK:
         return None
     codes, scales = [], []
     for rows in weight.split(GRID_CHECK_ROWS):  # bounded temporaries, and a table that is no grid fails early
-        blocks = rows.reshape(-1, HEAD_GROUP_SIZE)
+        blocks = rows.reshape(-1, GRID_BLOCK)
         scale = blocks.abs().amax(dim=1, keepdim=True) / 127
         code = (blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)).round() + GRID_ZERO  # all-zero blocks: 128
         if not bool(((code >= 1) & (code <= 255)).all()):
@@ -113,7 +114,7 @@ def exact_int8_head(qmodel: QuantizedModel, tied: bool) -> QuantizedLinear | Non
         codes.append(code.to(torch.uint8))
         scales.append(scale)
     scale = torch.cat(scales)
-    meta = {"nbits": 8, "group_size": HEAD_GROUP_SIZE, "axis": 1, "packing": "8bit_u8", "shape": list(weight.shape),
+    meta = {"nbits": 8, "group_size": GRID_BLOCK, "axis": 1, "packing": "8bit_u8", "shape": list(weight.shape),
             "scale": scale, "zero": torch.full_like(scale, GRID_ZERO), "compute_dtype": torch.float32}
     return layer_from_meta(HEAD_PATH, torch.cat(codes), meta, None)
 
