@@ -96,7 +96,7 @@ std::string check_input(Ort::ConstValue value, const char* name, ONNXTensorEleme
 }
 
 // HQQMatMul: checks the inputs against the attributes and fills `p` (all but Y); returns an error message or "".
-std::string describe_hqq(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
+std::string describe_hqq(Ort::KernelContext& ctx, const Attrs& a, bool /*checked*/, Problem& p, std::vector<int64_t>& y_shape) {
   const size_t count = ctx.GetInputCount();
   if (count < 4 || count > 5) return "expects 4 or 5 inputs, got " + std::to_string(count);
   Ort::ConstValue A = ctx.GetInput(0), W = ctx.GetInput(1), scale = ctx.GetInput(2), zero = ctx.GetInput(3);
@@ -169,20 +169,33 @@ std::string check_nbits_meta(Ort::ConstValue scales, Ort::ConstValue zero_points
   return "";
 }
 
-// The inputs HQQMatMulNBits and HQQMatMulNBitsLoRA share, 0 to 5.
-std::string describe_nbits_inputs(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
+// HQQMatMulNBits' B, scales, zero points, group sums and correction (inputs 1 to 5) against the attributes; an
+// error message or "".
+std::string check_nbits_weights(Ort::ConstValue B, Ort::ConstValue scales, Ort::ConstValue zero_points, Ort::ConstValue group_sum,
+                                Ort::ConstValue correction, const Attrs& a) {
+  const int64_t blocks = a.K / a.group_size;
+  for (const std::string& message : {check_input(B, "B", kU8, "uint8", {a.N, blocks, a.group_size * a.bits / 8}),
+                                     check_nbits_meta(scales, zero_points, correction, a),
+                                     check_input(group_sum, "group_sum", kF32, "float", {a.K, blocks})}) {
+    if (!message.empty()) return message;
+  }
+  return "";
+}
+
+// The inputs HQQMatMulNBits and HQQMatMulNBitsLoRA share, 0 to 5. `checked`: inputs 1 to 5 are initializers that
+// passed check_nbits_weights when the kernel was created (constant_zeros), so only A is checked per call.
+std::string describe_nbits_inputs(Ort::KernelContext& ctx, const Attrs& a, bool checked, Problem& p, std::vector<int64_t>& y_shape) {
   for (size_t i = 0; i < ctx.GetInputCount(); ++i) {
     if (ctx.GetInput(i) == nullptr) return "every input is required (A, B, scales, zero_points, group_sum, zero_correction[, lora_A, lora_B])";
   }
   const std::string activations = describe_activations(ctx.GetInput(0), a, p, y_shape);
   if (!activations.empty()) return activations;
   if (p.act != DType::F32) return "A must be float";
-  const int64_t blocks = a.K / a.group_size;
-  for (const std::string& message : {check_input(ctx.GetInput(1), "B", kU8, "uint8", {a.N, blocks, a.group_size * a.bits / 8}),
-                                     check_nbits_meta(ctx.GetInput(2), ctx.GetInput(3), ctx.GetInput(5), a),
-                                     check_input(ctx.GetInput(4), "group_sum", kF32, "float", {a.K, blocks})}) {
+  if (!checked) {
+    const std::string message = check_nbits_weights(ctx.GetInput(1), ctx.GetInput(2), ctx.GetInput(3), ctx.GetInput(4), ctx.GetInput(5), a);
     if (!message.empty()) return message;
   }
+  const int64_t blocks = a.K / a.group_size;
   p.N = a.N;
   p.K = a.K;
   p.group_size = a.group_size;
@@ -201,17 +214,17 @@ std::string describe_nbits_inputs(Ort::KernelContext& ctx, const Attrs& a, Probl
 }
 
 // HQQMatMulNBits (ops/nbits.py): the same checks for (A, B, scales, zero_points, group_sum, zero_correction), fp32.
-std::string describe_nbits(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
+std::string describe_nbits(Ort::KernelContext& ctx, const Attrs& a, bool checked, Problem& p, std::vector<int64_t>& y_shape) {
   const size_t count = ctx.GetInputCount();
   if (count != 6) return "expects 6 inputs, got " + std::to_string(count);
-  return describe_nbits_inputs(ctx, a, p, y_shape);
+  return describe_nbits_inputs(ctx, a, checked, p, y_shape);
 }
 
 // HQQMatMulNBitsLoRA: HQQMatMulNBits' inputs, then lora_A [segments * r, K] and lora_B [sum of widths, r], fp32.
-std::string describe_nbits_lora(Ort::KernelContext& ctx, const Attrs& a, Problem& p, std::vector<int64_t>& y_shape) {
+std::string describe_nbits_lora(Ort::KernelContext& ctx, const Attrs& a, bool checked, Problem& p, std::vector<int64_t>& y_shape) {
   const size_t count = ctx.GetInputCount();
   if (count != 8) return "expects 8 inputs, got " + std::to_string(count);
-  const std::string message = describe_nbits_inputs(ctx, a, p, y_shape);
+  const std::string message = describe_nbits_inputs(ctx, a, checked, p, y_shape);
   if (!message.empty()) return message;
   const int64_t segments = static_cast<int64_t>(a.lora_columns.size() / 2);
   int64_t columns = 0;
@@ -263,7 +276,7 @@ struct OpSpec {
   std::vector<std::pair<const char*, int64_t Attrs::*>> attributes;
   std::vector<std::pair<const char*, int64_t Attrs::*>> optional;  // left at their defaults when absent
   std::string (*check)(const Attrs&);
-  std::string (*describe)(Ort::KernelContext&, const Attrs&, Problem&, std::vector<int64_t>&);
+  std::string (*describe)(Ort::KernelContext&, const Attrs&, bool checked, Problem&, std::vector<int64_t>&);
   size_t inputs;
   size_t optional_from;  // inputs from this index on are optional
   bool lora;             // reads the int list attribute lora_columns
@@ -302,7 +315,7 @@ OrtStatusPtr compute(Kernel& kernel, OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     Problem p;
     std::vector<int64_t> y_shape;
-    const std::string message = kernel.spec->describe(ctx, kernel.attrs, p, y_shape);
+    const std::string message = kernel.spec->describe(ctx, kernel.attrs, kernel.checked(), p, y_shape);
     if (!message.empty()) return error(op_type, kernel.node, message);
     auto Y = ctx.GetOutput(0, y_shape);
     p.Y = Y.GetTensorMutableRawData();
@@ -314,15 +327,21 @@ OrtStatusPtr compute(Kernel& kernel, OrtKernelContext* context) {
   }
 }
 
-// HQQMatMulNBits whose scales, zero points and correction are initializers (as convert writes them): HQQ's zeros
-// (nbits_zeros), computed once when the kernel is created, so that each call runs exactly as HQQMatMul does.
-// Empty when an input is not constant or not of the expected shape (describe_nbits then reports it at run time).
+// HQQMatMulNBits whose inputs 1 to 5 are initializers (as convert writes them) that pass check_nbits_weights: HQQ's
+// zeros (nbits_zeros), computed once when the kernel is created, so that each call runs exactly as HQQMatMul does
+// and checks A alone. Empty when an input is not constant or not of the expected shape (describe_nbits then checks
+// them, and reports the problem, on every call).
 std::vector<float> constant_zeros(const Ort::ConstKernelInfo& info, const Attrs& a) {
-  int constant[3] = {0, 0, 0};
-  const Ort::ConstValue scales = info.GetTensorConstantInput(2, &constant[0]);
-  const Ort::ConstValue zero_points = info.GetTensorConstantInput(3, &constant[1]);
-  const Ort::ConstValue correction = info.GetTensorConstantInput(5, &constant[2]);
-  if (!constant[0] || !constant[1] || !constant[2] || !check_nbits_meta(scales, zero_points, correction, a).empty()) return {};
+  int constant[5] = {0, 0, 0, 0, 0};
+  const Ort::ConstValue B = info.GetTensorConstantInput(1, &constant[0]);
+  const Ort::ConstValue scales = info.GetTensorConstantInput(2, &constant[1]);
+  const Ort::ConstValue zero_points = info.GetTensorConstantInput(3, &constant[2]);
+  const Ort::ConstValue group_sum = info.GetTensorConstantInput(4, &constant[3]);
+  const Ort::ConstValue correction = info.GetTensorConstantInput(5, &constant[4]);
+  for (const int is_constant : constant) {
+    if (!is_constant) return {};
+  }
+  if (!check_nbits_weights(B, scales, zero_points, group_sum, correction, a).empty()) return {};
   Problem p;
   p.N = a.N;
   p.K = a.K;
@@ -343,6 +362,8 @@ struct CpuKernel {
   Attrs attrs;
   std::string node;
   std::vector<float> zeros;  // HQQMatMulNBits: constant_zeros, if computed
+
+  bool checked() const { return !zeros.empty(); }
 
   std::string run(Ort::KernelContext& ctx, Problem& p) {
     if (!zeros.empty()) {
@@ -366,6 +387,8 @@ struct CudaKernel {
   const OpSpec* spec;
   Attrs attrs;
   std::string node;
+
+  bool checked() const { return false; }
 
   std::string run(Ort::KernelContext& ctx, Problem& p) {
     const char* message = cuda_matmul(p, ctx.GetGPUComputeStream());
