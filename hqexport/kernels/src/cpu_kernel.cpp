@@ -605,7 +605,6 @@ inline void int8_rows(const Int8Job& job, int64_t n0) {
     const float* ascale = job.Ascales + m * chunks * 8;
     const float* asum = job.Asums + m * groups_per_row;
     v8f total[R] = {};
-    float offset[R] = {};
     for (int64_t c0 = 0; c0 < chunks; c0 += chunks_per_group) {
       v8f acc[R] = {};
       for (int64_t c = c0; c < c0 + chunks_per_group; ++c) {
@@ -629,12 +628,15 @@ inline void int8_rows(const Int8Job& job, int64_t n0) {
         for (int r = 0; r < R; ++r) total[r] += scale[(n0 + r) * groups_per_row + gi] * acc[r];
       }
     }
-    for (int r = 0; r < R; ++r) {
-      for (int64_t gi = 0; gi < groups_per_row; ++gi) {
-        const int64_t g = (n0 + r) * groups_per_row + gi;
-        offset[r] += scale[g] * zero[g] * asum[gi];
-      }
-      job.Y[m * p.N + n0 + r] = hsum(total[r]) - offset[r];
+    for (int r = 0; r < R; ++r) {  // the zero term, s * z * (sum of A) summed over the row's groups, 8 at a time
+      const float* s = scale + (n0 + r) * groups_per_row;
+      const float* z = zero + (n0 + r) * groups_per_row;
+      v8f terms = {};
+      int64_t gi = 0;
+      for (; gi + 8 <= groups_per_row; gi += 8) terms += load8(s + gi) * load8(z + gi) * load8(asum + gi);
+      float offset = hsum(terms);
+      for (; gi < groups_per_row; ++gi) offset += s[gi] * z[gi] * asum[gi];
+      job.Y[m * p.N + n0 + r] = hsum(total[r]) - offset;
     }
   }
 }
@@ -655,13 +657,36 @@ bool int8_applies(const Problem& p) {
   return p.K % chunk == 0 && (p.group_size % chunk == 0 || 2 * p.group_size == chunk);
 }
 
+// One row of A for the int8 path: per block of 32 inputs a = max |x| / 127 and codes round(x / a), stored per chunk
+// in the codes' order (Int8Job::Aq), and each int32 lane's block scale (Int8Job::Ascales). PER is a constant so
+// that the permutation costs shifts, not divisions.
+template <int PER>
+void quantize_row(const float* a, int64_t K, int8_t* aq, float* ascales) {
+  constexpr int64_t kChunk = 32 * PER;
+  for (int64_t c = 0; c < K / kChunk; ++c) {
+    const float* x = a + c * kChunk;
+    int8_t* out = aq + c * kChunk;
+    float block_scales[PER];  // chunk / kQuantBlock = PER blocks
+    for (int b = 0; b < PER; ++b) {
+      const float* xb = x + b * kQuantBlock;
+      float amax = 0.f;
+      for (int64_t k = 0; k < kQuantBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
+      block_scales[b] = amax / 127.f;
+      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+      for (int k = 0; k < kQuantBlock; ++k) {
+        const int t = b * static_cast<int>(kQuantBlock) + k;  // code t of the chunk: byte t / PER, shift t % PER
+        out[(t % PER) * 32 + t / PER] = static_cast<int8_t>(std::nearbyint(xb[k] * inverse));
+      }
+    }
+    for (int l = 0; l < 8; ++l) ascales[c * 8 + l] = block_scales[4 * PER * l / kQuantBlock];
+  }
+}
+
 bool int8_gemv(const Problem& p, const Runner& runner) {
-  const int per = 8 / p.bits;
-  const int64_t chunk = int8_chunk(p.bits), chunks = p.K / chunk, groups_per_row = p.K / p.group_size;
+  const int64_t chunks = p.K / int8_chunk(p.bits), groups_per_row = p.K / p.group_size;
   int8_t* aq = static_cast<int8_t*>(std::malloc(static_cast<size_t>(p.M * p.K)));
   float* ascales = static_cast<float*>(std::malloc(static_cast<size_t>(p.M * chunks * 8) * sizeof(float)));
   float* asums = static_cast<float*>(std::malloc(static_cast<size_t>(p.M * groups_per_row) * sizeof(float)));
-  float block_scales[4];  // chunk / kQuantBlock = 8 / bits
   if (aq == nullptr || ascales == nullptr || asums == nullptr) {
     std::free(aq);
     std::free(ascales);
@@ -671,22 +696,14 @@ bool int8_gemv(const Problem& p, const Runner& runner) {
   const float* A = static_cast<const float*>(p.A);
   for (int64_t m = 0; m < p.M; ++m) {
     const float* a = A + m * p.K;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const float* x = a + c * chunk;
-      for (int64_t b = 0; b < chunk / kQuantBlock; ++b) {
-        float amax = 0.f;
-        for (int64_t k = 0; k < kQuantBlock; ++k) amax = std::max(amax, std::fabs(x[b * kQuantBlock + k]));
-        block_scales[b] = amax / 127.f;
-        const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-        for (int64_t k = 0; k < kQuantBlock; ++k) {
-          const int64_t i = (b * kQuantBlock + k) / per, j = (b * kQuantBlock + k) % per;  // byte i, shift j
-          aq[m * p.K + (c * per + j) * 32 + i] = static_cast<int8_t>(std::nearbyint(x[b * kQuantBlock + k] * inverse));
-        }
-      }
-      for (int l = 0; l < 8; ++l) ascales[(m * chunks + c) * 8 + l] = block_scales[4 * per * l / kQuantBlock];
+    if (p.bits == 4) {
+      quantize_row<2>(a, p.K, aq + m * p.K, ascales + m * chunks * 8);
+    } else {
+      quantize_row<4>(a, p.K, aq + m * p.K, ascales + m * chunks * 8);
     }
     group_sums(p, a, asums + m * groups_per_row);
   }
+  const int64_t chunk = int8_chunk(p.bits);
   Int8Job job{&p, aq, ascales, asums, static_cast<float*>(p.Y)};
   const bool split = 2 * p.group_size == chunk;
   void (*task)(void*, size_t) = p.bits == 4 ? (split ? &int8_task<4, true> : &int8_task<4, false>)
