@@ -304,8 +304,14 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// Tasks in at most kBatches contiguous batches, each run by one thread: a thread then streams its rows of W from
+// memory in order, where one task at a time would interleave the threads' rows (a decode step 1.07-1.1x faster on
+// SmolLM2 in an interleaved A/B, 7 of 9 rounds), and up to kBatches threads still share a layer.
+constexpr size_t kBatches = 16;
+
 void ort_parallel_for(void* ctx, void (*fn)(void*, size_t), size_t total, void* data) {
-  Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(static_cast<OrtKernelContext*>(ctx), fn, total, 0, data));
+  const size_t batches = total < kBatches ? total : kBatches;
+  Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(static_cast<OrtKernelContext*>(ctx), fn, total, batches, data));
 }
 
 template <typename Kernel>
