@@ -100,7 +100,7 @@ def inspect(path: Path, as_json: bool) -> None:
     default="0",
     show_default=True,
     help="accuracy_level of the layers' nodes (MatMulNBits' attribute). 0: fp32 compute, exact. 4: activations "
-    "quantized to int8 per block of 32 for decode rows of 2- and 4-bit layers: faster decode on CPU, but no longer "
+    "quantized to int8 per block of 16 for decode rows of 2- and 4-bit layers: faster decode on CPU, but no longer "
     "HQQ's result (validate reports how far it moved).",
 )
 @click.option(
