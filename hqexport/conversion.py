@@ -143,7 +143,7 @@ def convert(
         check_weights(qmodel, config)
         io = decoder_io(config, DTYPES[dtype])
         library, kernels_error = _find_kernels(steps, with_kernels, ops)
-        # the compiled kernel will run the layers, exactly (HQQMatMulNBits: ops/nbits.py)
+        # the compiled kernel will run the layers (HQQMatMulNBits: ops/nbits.py; exactly at accuracy level 0)
         fp32_kernel = ops == "auto" and dtype == "fp32" and library is not None
         head = None
         if choice.lossy:

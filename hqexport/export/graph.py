@@ -296,7 +296,7 @@ class _Builder:
     def rescored(self, logits: ir.Value, x: ir.Value, rows: ir.Value) -> ir.Value:
         """`logits` with the shortlist's entries (its largest per position) recomputed as rows[token] . x."""
         name = "/lm_head/shortlist"
-        count = self.constant(f"{name}/k", np.array([self.shortlist], np.int64))
+        count = self.constant(f"{name}/k", np.array([min(self.shortlist, self.config.vocab_size)], np.int64))
         _, tokens = self.op("TopK", [logits, count], axis=-1, outputs=2, name=f"{name}/TopK")
         tokens.type = ir.TensorType(ir.DataType.INT64)
         last = self.constant(f"{name}/last_axis", np.array([-1], np.int64))
