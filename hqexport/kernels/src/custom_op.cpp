@@ -405,6 +405,17 @@ struct CudaKernel {
 };
 #endif
 
+// The node's integer attribute `name` into `value`; false (value untouched) when it is missing or not an integer.
+bool read_int_attribute(const OrtKernelInfo* info, const char* name, int64_t& value) {
+  int64_t read = 0;
+  if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &read)) {
+    Ort::GetApi().ReleaseStatus(status);
+    return false;
+  }
+  value = read;
+  return true;
+}
+
 template <typename Kernel>
 struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
   Op(const OpSpec& spec, ONNXTensorElementDataType act) : spec_(&spec), act_(act) {}
@@ -416,21 +427,11 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
       node = kinfo.GetNodeName();
       Attrs a;
       for (const auto& [name, field] : spec_->attributes) {
-        int64_t value = 0;
-        if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value)) {
-          Ort::GetApi().ReleaseStatus(status);
+        if (!read_int_attribute(info, name, a.*field)) {
           return error(spec_->op_type, node, std::string("missing or non-integer attribute '") + name + "'");
         }
-        a.*field = value;
       }
-      for (const auto& [name, field] : spec_->optional) {
-        int64_t value = 0;
-        if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value)) {
-          Ort::GetApi().ReleaseStatus(status);  // absent: the default
-        } else {
-          a.*field = value;
-        }
-      }
+      for (const auto& [name, field] : spec_->optional) read_int_attribute(info, name, a.*field);  // absent: the default
       if (spec_->lora) a.lora_columns = kinfo.GetAttributes<int64_t>("lora_columns");
       const std::string message = spec_->check(a);
       if (!message.empty()) return error(spec_->op_type, node, message);
