@@ -3,7 +3,8 @@
 read -> adapters (merge re-quantizes before export) -> export (the decoder graph built from the config and the
 weights, export/graph.py) -> adapters (separate / bake add LoRA branches to the graph) -> lower (--ops:
 MatMulNBits where exact) -> adapters (instead of the branches, where every target became an HQQMatMulNBits node
-that the kernels library runs: LoRA inside those nodes, adapters/fused.py) -> write (model.onnx + data, adapters/*.onnx_adapter, tokenizer files, config.json,
+that the kernels library runs: LoRA inside those nodes, adapters/fused.py) -> lower (the MLP's gating into its
+packed gate/up node, lower/swiglu.py) -> write (model.onnx + data, adapters/*.onnx_adapter, tokenizer files, config.json,
 genai_config.json, hqexport.json) into a staging folder that becomes OUT only when complete. The weights are
 read from the source only as each one is written (every initializer is lazy, export/lazy.py).
 """
@@ -35,6 +36,7 @@ from hqexport.lower import (
     HEAD_PATH,
     LOWERINGS,
     exact_int8_head,
+    fuse_swiglu,
     head_choice,
     lower_layers,
     matmulnbits_blocker,
@@ -176,6 +178,8 @@ def convert(
             with steps(f"Adding {len(specs)} adapter(s) ({mode}, inside the layers' nodes)"):
                 adapter_export = apply_adapters(graph.model, layers, specs, mode, dtype=dtype, fused=True)
             layers |= {path: dataclasses.replace(layers[path], op=f"{DOMAIN}.{LORA_OP_TYPE}") for path in targets}
+        if LOWERINGS[ops] is not None:  # the MLPs' gating into their gate/up nodes, where those are HQQMatMulNBits ones
+            layers = fuse_swiglu(graph.model, layers)
         if adapter_export is not None:
             adapter_manifest = adapter_export.manifest
         if head is not None:  # not a layer of the source: the manifest describes it under model.lm_head

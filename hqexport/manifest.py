@@ -46,7 +46,7 @@ class LayerEntry:
     axis: int
     shape: tuple[int, int]  # [out_features, in_features]
     compute_dtype: str
-    op: str  # "hqexport.HQQMatMul", "hqexport.HQQMatMulNBits", "hqexport.HQQMatMulNBitsLoRA", "com.microsoft.MatMulNBits"
+    op: str  # "hqexport.HQQMatMul", "com.microsoft.MatMulNBits" or one of the hqexport.HQQMatMulNBits ops (ops/nbits.py)
     node: str
     initializers: dict[str, str | None]  # op input role -> initializer name
     rows: tuple[int, int] | None = None  # its output columns in a node packed with other layers, [start, stop)

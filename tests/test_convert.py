@@ -42,8 +42,8 @@ class Case:
     ops: str = "hqq"  # "auto" lowers what MatMulNBits expresses exactly (the CLI case uses the CLI default, auto)
 
 
-#: the ops a layer lowered by --ops auto runs as (lower/matmulnbits.py)
-LOWERED_OPS = ("com.microsoft.MatMulNBits", "hqexport.HQQMatMulNBits")
+#: the ops a layer lowered by --ops auto runs as (lower/matmulnbits.py; a gate/up node gated by lower/swiglu.py)
+LOWERED_OPS = ("com.microsoft.MatMulNBits", "hqexport.HQQMatMulNBits", "hqexport.HQQMatMulNBitsSwiGLU")
 
 CASES = {
     # one format per linear (4, 3, 2 axis 0, 8, 1, 1.58 bits; down_proj fp), tied embeddings, wide enough to measure
@@ -262,13 +262,16 @@ def test_lowering_choices_follow_the_formats(exported: Exported):
     if exported.case.ops == "hqq":
         assert ops == {"hqexport.HQQMatMul"}
         return
-    for entry in manifest["layers"].values():
+    for path, entry in manifest["layers"].items():
         expressible = entry["axis"] == 1 and entry["group_size"] in (16, 32, 64, 128) and entry["nbits"] not in (5, 6)
         assert (entry["op"] in LOWERED_OPS) == expressible, entry
         assert ("kept" in entry["lowering"]) != expressible
         if expressible:  # one fused node where hqq's zeros need the correction, at fp32; MatMulNBits + correction at fp16
             fused = entry["lowering"]["zero_correction"] and exported.case.dtype == "fp32"
-            assert (entry["op"] == "hqexport.HQQMatMulNBits") == fused, entry
+            # a SiLU MLP's gate and up in one node (packed, or Phi-3's gate_up_proj) carry the gating
+            gate_up = path.endswith("mlp.gate_up_proj") or (path.endswith(("mlp.gate_proj", "mlp.up_proj")) and "rows" in entry)
+            gated = fused and gate_up and exported.case.arch != "gemma"
+            assert entry["op"] == ("hqexport.HQQMatMulNBitsSwiGLU" if gated else "hqexport.HQQMatMulNBits" if fused else "com.microsoft.MatMulNBits"), entry
 
 
 def test_output_folder_contents_and_source_untouched(exported: Exported):

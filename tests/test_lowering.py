@@ -23,17 +23,18 @@ N, K, M = 48, 128, 5
 _ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-def _hqq_layer(nbits: float, group_size: int, axis: int, *, bias: bool = False, dtype=torch.float32, seed: int = 0, in_features: int = K):
+def _hqq_layer(nbits: float, group_size: int, axis: int, *, bias: bool = False, dtype=torch.float32, seed: int = 0, in_features: int = K,
+               out_features: int = N):
     torch.manual_seed(seed)
-    linear = torch.nn.Linear(in_features, N, bias=bias)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
     return HQQLinear(linear, BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=axis), compute_dtype=dtype, device="cpu")
 
 
 def _single_layer_model(hqq_layer: HQQLinear, name: str = "layer0") -> ir.Model:
     """A graph with one hqexport.HQQMatMul node holding the layer's canonical initializers."""
     layer = layer_from_meta(name, hqq_layer.W_q.data, hqq_layer.meta, hqq_layer.bias)
-    bits, k = storage_bits(layer.fmt), layer.in_features
-    codes = unpack_codes(layer.packed.numpy(), N, k, layer.fmt)
+    bits, n, k = storage_bits(layer.fmt), layer.out_features, layer.in_features
+    codes = unpack_codes(layer.packed.numpy(), n, k, layer.fmt)
     a = ir.val("A", ir.DataType.FLOAT, ["M", k])
     inputs = [a]
     for label, array in (
@@ -44,7 +45,7 @@ def _single_layer_model(hqq_layer: HQQLinear, name: str = "layer0") -> ir.Model:
         inputs.append(ir.Value(name=f"{name}.{label}", const_value=ir.tensor(array, name=f"{name}.{label}")))
     node = ir.node(
         "HQQMatMul", inputs,
-        {"N": N, "K": k, "bits": bits, "group_size": layer.fmt.group_size, "axis": layer.fmt.axis},
+        {"N": n, "K": k, "bits": bits, "group_size": layer.fmt.group_size, "axis": layer.fmt.axis},
         domain="hqexport", name=name,
     )
     node.outputs[0].name = "Y"

@@ -95,16 +95,20 @@ def test_validate_passes_on_converted_model(exported, tmp_path):
 
 
 def test_validate_passes_on_the_default_cli_export(source, lora_adapter, tmp_path):
-    """The CLI's defaults: --ops auto (one HQQMatMulNBits node per layer here: hqq's zeros need the correction) and
-    a separate adapter, inside the target layers' nodes (HQQMatMulNBitsLoRA)."""
+    """The CLI's defaults: --ops auto (one HQQMatMulNBits node per layer here: hqq's zeros need the correction; the
+    packed gate/up node gated, HQQMatMulNBits...SwiGLU) and a separate adapter, inside the target layers' nodes
+    (HQQMatMulNBitsLoRA...)."""
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["convert", str(source), "-o", str(out), "--adapter", f"{ADAPTER}={lora_adapter}"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "hqexport.json").read_text())
     targets = set(manifest["adapters"][ADAPTER]["targets"])
     ops = {path: entry["op"] for path, entry in manifest["layers"].items()}
-    assert targets and {ops[path] for path in targets} == {"hqexport.HQQMatMulNBitsLoRA"}
-    assert {op for path, op in ops.items() if path not in targets} == {"hqexport.HQQMatMulNBits"}
+    gate_up = {path for path in ops if path.endswith(("mlp.gate_proj", "mlp.up_proj"))}
+    assert targets and gate_up
+    assert ops == {
+        path: "hqexport.HQQMatMulNBits" + ("LoRA" if path in targets else "") + ("SwiGLU" if path in gate_up else "") for path in ops
+    }
     assert (out / manifest["adapters"][ADAPTER]["file"]).is_file()
     report_file = tmp_path / "report.json"
     result = CliRunner().invoke(main, ["validate", str(out), "--adapter", "all", "--tokens", "8", "--json", str(report_file)])
@@ -125,7 +129,7 @@ def test_accuracy_level_4_is_recorded_and_validate_measures_what_it_costs(source
     assert {entry["lowering"]["accuracy_level"] for entry in manifest["layers"].values()} == {4}
     assert manifest["model"]["lossy"] == ["accuracy_level 4"]
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    levels = [onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type in ("MatMulNBits", "HQQMatMulNBits")
+    levels = [onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type.startswith(("MatMulNBits", "HQQMatMulNBits"))
               for a in n.attribute if a.name == "accuracy_level"]
     assert levels == [4] * len({entry["node"] for entry in manifest["layers"].values()})  # q/k/v and gate/up share a node
     report = validate(out, **QUICK)

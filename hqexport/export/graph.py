@@ -6,6 +6,9 @@ Per decoder layer (the shape onnxruntime-genai's model builder gives its own mod
     KV cache [batch, kv_heads, sequence, head_dim]) -> HQQMatMul (o) -> SkipSimplifiedLayerNormalization ->
     HQQMatMul (gate, up packed) -> Split -> activation -> Mul -> HQQMatMul (down)
 
+(lowering turns the HQQMatMul nodes into MatMulNBits or HQQMatMulNBits ones, and folds a SiLU gating into its
+HQQMatMulNBits gate/up node: lower/swiglu.py).
+
 The residual stream runs through the Skip norms' fourth output, which is named `block_output_name(i)` after
 layer i (validate reads the blocks there). Layers sharing an input and an HQQ format (axis 1) are packed
 into one node by concatenating their codes, scales and zeros along N: exact, since HQQ's groups of one row never

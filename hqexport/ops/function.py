@@ -150,11 +150,7 @@ def attach_function(model: ModelProto) -> None:
 
     Replaces an existing function of the same op (e.g. a stub an exporter wrote) by hqexport's body.
     """
-    bodies = {
-        OP_TYPE: hqq_matmul_function,
-        nbits.OP_TYPE: nbits.hqq_matmul_nbits_function,
-        nbits.LORA_OP_TYPE: nbits.hqq_matmul_nbits_lora_function,
-    }
+    bodies = {OP_TYPE: hqq_matmul_function, **nbits.FUNCTIONS}
     used = _used_ops(model.graph)
     for function in model.functions:
         used |= {node.op_type for node in function.node if node.domain == DOMAIN}

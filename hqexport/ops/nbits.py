@@ -31,6 +31,11 @@ overrides, stored [out, in] like B so that the kernel reads contiguous rows:
 and attribute lora_columns = [start_0, stop_0, ..., start_S-1, stop_S-1]: segment s adds
 (A @ lora_A[s r : (s + 1) r]^T) @ lora_B[its rows]^T to output columns [start_s, stop_s) (one segment per
 adapted layer of a packed node).
+
+hqexport::HQQMatMulNBitsSwiGLU and HQQMatMulNBitsLoRASwiGLU are those layers for a packed gate/up projection
+(lower/swiglu.py) with the MLP's gating in the node: Y [..., N / 2] = silu(P[..., :N / 2]) * P[..., N / 2:] of
+their product P, so that the Split, the activation and the product are no nodes (and no passes over memory) of
+their own.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ ACCURACY_LEVEL = "accuracy_level"
 LORA_OP_TYPE = "HQQMatMulNBitsLoRA"
 LORA_INPUTS = (*INPUTS, "lora_A", "lora_B")
 LORA_COLUMNS = "lora_columns"
+SWIGLU_OP_TYPE = "HQQMatMulNBitsSwiGLU"
+LORA_SWIGLU_OP_TYPE = "HQQMatMulNBitsLoRASwiGLU"
+#: each op computing a packed gate/up product -> its form with the gating inside
+SWIGLU_FORMS = {OP_TYPE: SWIGLU_OP_TYPE, LORA_OP_TYPE: LORA_SWIGLU_OP_TYPE}
 
 _DOC = {
     "A": "activations [..., K]",
@@ -63,7 +72,7 @@ _DOC = {
 _TYPES = {"A": "T1", "B": "T2", "scales": "T1", "zero_points": "T2", "group_sum": "T1", "zero_correction": "T1", "lora_A": "T1", "lora_B": "T1"}
 
 
-def _schema(op_type: str, inputs: tuple[str, ...], doc: str, lora: bool) -> OpSchema:
+def _schema(op_type: str, inputs: tuple[str, ...], doc: str, lora: bool, swiglu: bool = False) -> OpSchema:
     attributes = [OpSchema.Attribute(name, OpSchema.AttrType.INT, f"MatMulNBits' {name}", required=True) for name in ATTRIBUTES]
     attributes.append(OpSchema.Attribute(ACCURACY_LEVEL, OpSchema.AttrType.INT, "MatMulNBits' accuracy_level (0: exact)", required=False))
     if lora:
@@ -74,7 +83,7 @@ def _schema(op_type: str, inputs: tuple[str, ...], doc: str, lora: bool) -> OpSc
         SINCE_VERSION,
         doc=doc,
         inputs=[OpSchema.FormalParameter(name, _TYPES[name], _DOC[name]) for name in inputs],
-        outputs=[OpSchema.FormalParameter("Y", "T1", "output [..., N]")],
+        outputs=[OpSchema.FormalParameter("Y", "T1", "silu(gate) * up [..., N / 2]" if swiglu else "output [..., N]")],
         type_constraints=[("T1", ["tensor(float)"], "activation dtype"), ("T2", ["tensor(uint8)"], "packed codes")],
         attributes=attributes,
     )
@@ -86,6 +95,20 @@ def build_schema() -> OpSchema:
 
 def build_lora_schema() -> OpSchema:
     return _schema(LORA_OP_TYPE, LORA_INPUTS, "HQQMatMulNBits plus a LoRA branch per segment of output columns.", lora=True)
+
+
+def build_swiglu_schema() -> OpSchema:
+    return _schema(SWIGLU_OP_TYPE, INPUTS, "HQQMatMulNBits of a packed gate/up projection, gated: silu(gate) * up.", lora=False, swiglu=True)
+
+
+def build_lora_swiglu_schema() -> OpSchema:
+    return _schema(LORA_SWIGLU_OP_TYPE, LORA_INPUTS, "HQQMatMulNBitsLoRA of a packed gate/up projection, gated: silu(gate) * up.",
+                   lora=True, swiglu=True)
+
+
+#: op type -> its schema builder
+SCHEMAS = {OP_TYPE: build_schema, LORA_OP_TYPE: build_lora_schema, SWIGLU_OP_TYPE: build_swiglu_schema,
+           LORA_SWIGLU_OP_TYPE: build_lora_swiglu_schema}
 
 
 def _attribute_reference(attribute: str, name: str, kind: int) -> onnx.AttributeProto:
@@ -168,6 +191,16 @@ def _lora_nodes(base: str, output: str) -> list[onnx.NodeProto]:
     ]
 
 
+def _swiglu_nodes(product: str, output: str) -> list[onnx.NodeProto]:
+    """`output` = silu(gate) * up of `product`'s two halves, as the decoder graph writes the MLP's gating."""
+    return [
+        helper.make_node("Split", [product], ["swiglu.gate", "swiglu.up"], axis=-1, num_outputs=2),
+        helper.make_node("Sigmoid", ["swiglu.gate"], ["swiglu.sigmoid"]),
+        helper.make_node("Mul", ["swiglu.gate", "swiglu.sigmoid"], ["swiglu.silu"]),
+        helper.make_node("Mul", ["swiglu.silu", "swiglu.up"], [output]),
+    ]
+
+
 def _function(op_type: str, inputs: tuple[str, ...], nodes: list[onnx.NodeProto], attributes: list[str], opset: int, doc: str) -> FunctionProto:
     return helper.make_function(
         DOMAIN,
@@ -191,3 +224,25 @@ def hqq_matmul_nbits_lora_function(opset: int) -> FunctionProto:
     """HQQMatMulNBitsLoRA's function: HQQMatMulNBits' body plus the LoRA branch (slow, but folds nothing to fp32)."""
     doc = "hqexport::HQQMatMulNBitsLoRA body: HQQMatMulNBits' plus a LoRA branch per segment of output columns"
     return _function(LORA_OP_TYPE, LORA_INPUTS, _layer_nodes("base") + _lora_nodes("base", "Y"), [*ATTRIBUTES, ACCURACY_LEVEL, LORA_COLUMNS], opset, doc)
+
+
+def hqq_matmul_nbits_swiglu_function(opset: int) -> FunctionProto:
+    """HQQMatMulNBitsSwiGLU's function: HQQMatMulNBits' body, then the gating."""
+    doc = "hqexport::HQQMatMulNBitsSwiGLU body: HQQMatMulNBits' of a packed gate/up projection, then silu(gate) * up"
+    return _function(SWIGLU_OP_TYPE, INPUTS, _layer_nodes("product") + _swiglu_nodes("product", "Y"), [*ATTRIBUTES, ACCURACY_LEVEL], opset, doc)
+
+
+def hqq_matmul_nbits_lora_swiglu_function(opset: int) -> FunctionProto:
+    """HQQMatMulNBitsLoRASwiGLU's function: HQQMatMulNBitsLoRA's body, then the gating."""
+    doc = "hqexport::HQQMatMulNBitsLoRASwiGLU body: HQQMatMulNBitsLoRA's of a packed gate/up projection, then silu(gate) * up"
+    nodes = _layer_nodes("base") + _lora_nodes("base", "product") + _swiglu_nodes("product", "Y")
+    return _function(LORA_SWIGLU_OP_TYPE, LORA_INPUTS, nodes, [*ATTRIBUTES, ACCURACY_LEVEL, LORA_COLUMNS], opset, doc)
+
+
+#: op type -> its function body builder (by opset)
+FUNCTIONS = {
+    OP_TYPE: hqq_matmul_nbits_function,
+    LORA_OP_TYPE: hqq_matmul_nbits_lora_function,
+    SWIGLU_OP_TYPE: hqq_matmul_nbits_swiglu_function,
+    LORA_SWIGLU_OP_TYPE: hqq_matmul_nbits_lora_swiglu_function,
+}

@@ -64,9 +64,9 @@ def _build_schema() -> OpSchema:
 
 
 def register_schema() -> None:
-    """Register the schemas of hqexport's ops (HQQMatMul, HQQMatMulNBits[LoRA]) with onnx.defs once per process."""
+    """Register the schemas of hqexport's ops (HQQMatMul, the HQQMatMulNBits ops) with onnx.defs once per process."""
     from hqexport.ops import nbits  # it builds on this module's constants
 
-    for op_type, build in ((OP_TYPE, _build_schema), (nbits.OP_TYPE, nbits.build_schema), (nbits.LORA_OP_TYPE, nbits.build_lora_schema)):
+    for op_type, build in {OP_TYPE: _build_schema, **nbits.SCHEMAS}.items():
         if not onnx.defs.has(op_type, DOMAIN):
             onnx.defs.register_schema(build())

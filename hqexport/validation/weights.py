@@ -23,16 +23,14 @@ from onnx import helper
 
 from hqexport.formats import unpack_canonical
 from hqexport.manifest import LayerEntry
-from hqexport.ops.nbits import LORA_OP_TYPE
-from hqexport.ops.nbits import OP_TYPE as NBITS_OP_TYPE
+from hqexport.ops.nbits import FUNCTIONS as NBITS_FUNCTIONS
 from hqexport.ops.reference import dequantize_canonical
 from hqexport.ops.schema import DOMAIN, HQQ_OP, MS_DOMAIN, OP_TYPE
 from hqexport.validation.exported import Exported
 
 NBITS_OP = f"{MS_DOMAIN}.MatMulNBits"
-FUSED_NBITS_OP = f"{DOMAIN}.{NBITS_OP_TYPE}"
-LORA_NBITS_OP = f"{DOMAIN}.{LORA_OP_TYPE}"  # the same codes, with adapters inside the node
-_NBITS_OP_TYPES = ("MatMulNBits", NBITS_OP_TYPE, LORA_OP_TYPE)
+#: onnxruntime's MatMulNBits and hqexport's ops on its codes (with adapters, gating inside the node)
+_NBITS_OP_TYPES = ("MatMulNBits", *NBITS_FUNCTIONS)
 
 
 @dataclass
@@ -122,7 +120,7 @@ def _rows(weight: np.ndarray, entry: LayerEntry) -> np.ndarray:
 
 
 DECODERS: dict[str, Callable[[Exported, str, LayerEntry, dict], DecodedWeight]] = {
-    HQQ_OP: _hqq, NBITS_OP: _matmulnbits, FUSED_NBITS_OP: _matmulnbits, LORA_NBITS_OP: _matmulnbits,
+    HQQ_OP: _hqq, NBITS_OP: _matmulnbits, **{f"{DOMAIN}.{op_type}": _matmulnbits for op_type in NBITS_FUNCTIONS},
 }
 
 

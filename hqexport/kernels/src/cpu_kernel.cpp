@@ -822,6 +822,58 @@ bool lora_gemm(const Problem& p, float* T, const Runner& runner) {
   return ok;
 }
 
+// ---- SwiGLU epilogue (HQQMatMulNBits[LoRA]SwiGLU): Y = silu(gate) * up of the packed gate/up product ----
+
+// e^x per lane to about 1 ulp, for |x| <= 88 (the caller clamps): x = n ln2 + r with |r| <= ln2 / 2, e^r by
+// Cephes' degree-6 polynomial for expf, 2^n written into the exponent bits.
+inline v8f exp8(v8f x) {
+  const v8f fx = x * 1.44269504088896341f + 0.5f;
+  v8f n = __builtin_convertvector(__builtin_convertvector(fx, v8i), v8f);
+  n = n > fx ? n - 1.f : n;  // floor: the conversion truncates toward zero
+  const v8f r = x - n * 0.693359375f - n * -2.12194440e-4f;  // ln2 in two parts, so r keeps its low bits
+  v8f poly = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const v8f er = poly * (r * r) + r + 1.f;
+  const v8i exponent = (__builtin_convertvector(n, v8i) + 127) << 23;
+  v8f scale;
+  std::memcpy(&scale, &exponent, sizeof(scale));
+  return er * scale;
+}
+
+// out[j] = silu(gate[j]) * up[j] for 8 lanes, silu(g) = g / (1 + e^-g) as torch computes it.
+inline v8f swiglu8(v8f gate, v8f up) {
+  const v8f limit = v8f{} + 88.f;
+  v8f minus = -gate;
+  minus = minus > limit ? limit : minus;
+  minus = minus < -limit ? -limit : minus;  // e^-88 is below float's normal range: 1 + it rounds to 1
+  return gate / (1.f + exp8(minus)) * up;
+}
+
+struct SwigluJob {
+  const float* full;  // [M, 2 * half]: gate columns, then up columns
+  float* out;         // [M, half]
+  int64_t half;
+};
+
+void swiglu_row(void* data, size_t m) {
+  const SwigluJob& job = *static_cast<const SwigluJob*>(data);
+  const float* gate = job.full + static_cast<int64_t>(m) * 2 * job.half;
+  const float* up = gate + job.half;
+  float* out = job.out + static_cast<int64_t>(m) * job.half;
+  int64_t j = 0;
+  for (; j + 8 <= job.half; j += 8) store8(out + j, swiglu8(load8(gate + j), load8(up + j)));
+  if (j < job.half) {  // the tail through the same lanes, so every column rounds alike
+    float g[8] = {}, u[8] = {}, o[8];
+    std::memcpy(g, gate + j, static_cast<size_t>(job.half - j) * sizeof(float));
+    std::memcpy(u, up + j, static_cast<size_t>(job.half - j) * sizeof(float));
+    store8(o, swiglu8(load8(g), load8(u)));
+    std::memcpy(out + j, o, static_cast<size_t>(job.half - j) * sizeof(float));
+  }
+}
+
 }  // namespace
 
 bool matmul(const Problem& p, const Runner& runner) {
@@ -887,6 +939,12 @@ bool lora_add(const Problem& p, const Runner& runner) {
   }
   std::free(T);
   return ok;
+}
+
+void swiglu(const float* full, int64_t M, int64_t half, float* out, const Runner& runner) {
+  SwigluJob job{full, out, half};
+  const auto run = M < 4 ? &serial_for : runner.parallel_for;  // a decode row is a few microseconds
+  run(runner.ctx, &swiglu_row, static_cast<size_t>(M), &job);
 }
 
 void dequantize(const Problem& p, float* out) {

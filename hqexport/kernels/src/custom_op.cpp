@@ -1,8 +1,8 @@
-// onnxruntime custom-op library for hqexport::HQQMatMul, HQQMatMulNBits and HQQMatMulNBitsLoRA (docs/kernels.md).
+// onnxruntime custom-op library for hqexport::HQQMatMul and the HQQMatMulNBits ops (docs/kernels.md).
 //
 // RegisterCustomOps adds domain "hqexport" with op HQQMatMul for CPUExecutionProvider (and CUDAExecutionProvider
-// when built with HQEXPORT_WITH_CUDA), and HQQMatMulNBits and HQQMatMulNBitsLoRA (fp32, ops/nbits.py) for
-// CPUExecutionProvider. HQQMatMul
+// when built with HQEXPORT_WITH_CUDA), and HQQMatMulNBits, HQQMatMulNBitsLoRA and their SwiGLU forms (fp32,
+// ops/nbits.py) for CPUExecutionProvider. HQQMatMul
 // gets two overloads per EP, A fp32 and A fp16, so onnxruntime can infer the output type; the other inputs are left
 // untyped and checked here. Every problem with a node (attributes, dtypes, shapes) comes back as an error status,
 // never an exception across the C boundary.
@@ -270,6 +270,16 @@ std::string check_nbits_lora_attrs(const Attrs& a) {
   return "";
 }
 
+// The SwiGLU ops halve N: the gate's columns, then the up projection's.
+std::string check_even_n(const Attrs& a, std::string (*check)(const Attrs&)) {
+  const std::string message = check(a);
+  if (!message.empty()) return message;
+  return a.N % 2 == 0 ? "" : "N must be even (gate columns, then as many up columns), got " + std::to_string(a.N);
+}
+
+std::string check_nbits_swiglu_attrs(const Attrs& a) { return check_even_n(a, &check_nbits_attrs); }
+std::string check_nbits_lora_swiglu_attrs(const Attrs& a) { return check_even_n(a, &check_nbits_lora_attrs); }
+
 // What distinguishes the ops: name, attributes (onnx name -> Attrs field), checks, inputs.
 struct OpSpec {
   const char* op_type;
@@ -280,20 +290,23 @@ struct OpSpec {
   size_t inputs;
   size_t optional_from;  // inputs from this index on are optional
   bool lora;             // reads the int list attribute lora_columns
+  bool swiglu;           // Y = silu(first half of the product's columns) * second half: [..., N / 2]
 };
 
 const OpSpec kHqqSpec{"HQQMatMul",
                       {{"N", &Attrs::N}, {"K", &Attrs::K}, {"bits", &Attrs::bits}, {"group_size", &Attrs::group_size}, {"axis", &Attrs::axis}},
                       {},
-                      &check_attrs, &describe_hqq, 5, 4, false};
-const OpSpec kNbitsSpec{"HQQMatMulNBits",
-                        {{"N", &Attrs::N}, {"K", &Attrs::K}, {"bits", &Attrs::bits}, {"block_size", &Attrs::group_size}},
-                        {{"accuracy_level", &Attrs::accuracy_level}},
-                        &check_nbits_attrs, &describe_nbits, 6, 6, false};
-const OpSpec kNbitsLoraSpec{"HQQMatMulNBitsLoRA",
-                            {{"N", &Attrs::N}, {"K", &Attrs::K}, {"bits", &Attrs::bits}, {"block_size", &Attrs::group_size}},
-                            {{"accuracy_level", &Attrs::accuracy_level}},
-                            &check_nbits_lora_attrs, &describe_nbits_lora, 8, 8, true};
+                      &check_attrs, &describe_hqq, 5, 4, false, false};
+
+const std::vector<std::pair<const char*, int64_t Attrs::*>> kNbitsAttributes{
+    {"N", &Attrs::N}, {"K", &Attrs::K}, {"bits", &Attrs::bits}, {"block_size", &Attrs::group_size}};
+const std::vector<std::pair<const char*, int64_t Attrs::*>> kNbitsOptional{{"accuracy_level", &Attrs::accuracy_level}};
+
+const OpSpec kNbitsSpec{"HQQMatMulNBits", kNbitsAttributes, kNbitsOptional, &check_nbits_attrs, &describe_nbits, 6, 6, false, false};
+const OpSpec kNbitsLoraSpec{"HQQMatMulNBitsLoRA", kNbitsAttributes, kNbitsOptional, &check_nbits_lora_attrs, &describe_nbits_lora, 8, 8, true, false};
+const OpSpec kNbitsSwigluSpec{"HQQMatMulNBitsSwiGLU", kNbitsAttributes, kNbitsOptional, &check_nbits_swiglu_attrs, &describe_nbits, 6, 6, false, true};
+const OpSpec kNbitsLoraSwigluSpec{"HQQMatMulNBitsLoRASwiGLU", kNbitsAttributes, kNbitsOptional, &check_nbits_lora_swiglu_attrs,
+                                  &describe_nbits_lora, 8, 8, true, true};
 
 bool cpu_has_avx2() {
 #if defined(__x86_64__)
@@ -323,6 +336,7 @@ OrtStatusPtr compute(Kernel& kernel, OrtKernelContext* context) {
     std::vector<int64_t> y_shape;
     const std::string message = kernel.spec->describe(ctx, kernel.attrs, kernel.checked(), p, y_shape);
     if (!message.empty()) return error(op_type, kernel.node, message);
+    if (kernel.spec->swiglu) y_shape.back() /= 2;
     auto Y = ctx.GetOutput(0, y_shape);
     p.Y = Y.GetTensorMutableRawData();
     if (p.M == 0) return nullptr;
@@ -379,9 +393,18 @@ struct CpuKernel {
     }
     const Runner runner{ctx.GetOrtKernelContext(), &ort_parallel_for};
     const bool avx2 = cpu_has_avx2();
+    float* out = static_cast<float*>(p.Y);
+    std::unique_ptr<float[]> product;  // SwiGLU: the full [M, N] product, gated into Y at the end
+    if (spec->swiglu) {
+      product.reset(new (std::nothrow) float[static_cast<size_t>(p.M * p.N)]);
+      if (product == nullptr) return "out of memory";
+      p.Y = product.get();
+    }
     const bool ok = avx2 ? avx2::matmul(p, runner) && avx2::lora_add(p, runner)
                          : baseline::matmul(p, runner) && baseline::lora_add(p, runner);
-    return ok ? "" : "out of memory";
+    if (!ok) return "out of memory";
+    if (spec->swiglu) (avx2 ? avx2::swiglu : baseline::swiglu)(product.get(), p.M, p.N / 2, out, runner);
+    return "";
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) { return compute(*this, context); }
@@ -475,8 +498,9 @@ void add_hqq_ops(Ort::CustomOpDomain& domain) {
 void add_nbits_ops(Ort::CustomOpDomain& domain) {
   static Op<CpuKernel> nbits(kNbitsSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   static Op<CpuKernel> nbits_lora(kNbitsLoraSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-  domain.Add(&nbits);
-  domain.Add(&nbits_lora);
+  static Op<CpuKernel> nbits_swiglu(kNbitsSwigluSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  static Op<CpuKernel> nbits_lora_swiglu(kNbitsLoraSwigluSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  for (auto* op : {&nbits, &nbits_lora, &nbits_swiglu, &nbits_lora_swiglu}) domain.Add(op);
 }
 
 // Domains must outlive every session that uses them: kept until the library is unloaded.

@@ -103,6 +103,8 @@ inline void serial_for(void*, void (*fn)(void*, size_t), size_t total, void* dat
   namespace ns {                                                         \
   bool matmul(const Problem& p, const Runner& runner);                   \
   bool lora_add(const Problem& p, const Runner& runner);                 \
+  void swiglu(const float* full, int64_t M, int64_t half, float* out,     \
+              const Runner& runner);                                     \
   void dequantize(const Problem& p, float* out);                         \
   }
 HQX_DECLARE_CPU(baseline)
