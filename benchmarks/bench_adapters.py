@@ -8,13 +8,14 @@ Cases (base bits, rank, target projections), as the HQQ+LoRA recipes pair them: 
 tests/smollm2.py); each adapter is a PEFT LoRA folder with random A and B (speed does not depend on the values).
 
 Per case, in a work folder: `hqexport convert` without the adapter (`base`), with it as a separate .onnx_adapter
-(`--adapter`), and baked in (`--adapters bake`); a folder that already holds them is reused, so delete it after
-changing hqexport. One process then runs `--rounds` rounds of:
+(`--adapter`, with fp32 factors and with `--adapter-dtype fp16`), and baked in (`--adapters bake`); a folder that
+already holds them is reused, so delete it after changing hqexport. One process then runs `--rounds` rounds of:
 - base: the export without adapters;
 - inactive: the separate export, no adapter active (its LoRA inputs keep their rank-0 defaults);
 - active: the separate export with the adapter active (onnxruntime's LoraAdapter in the RunOptions);
+- active fp16: the same with the fp16 factors' export and file (lossy: its tokens may differ from baked's);
 - baked: the baked export.
-All four decode `--decode` greedy steps after a `--prompt`-token prompt in lockstep (one step of each in turn) and
+All five decode `--decode` greedy steps after a `--prompt`-token prompt in lockstep (one step of each in turn) and
 prefill `--prefill` tokens three times each in turn, on plain onnxruntime with the kernel library each folder
 ships: a slow moment of the shared machine then hits every variant alike. Times are medians over all steps (or
 prefills) of all rounds; a ratio to the base export is the median of each step's time over the base's step next to
@@ -46,12 +47,14 @@ CASES = {  # name: (base bits, LoRA rank, target projections)
     "3-bit r64 all seven": (3, 64, ALL_SEVEN),
     "2-bit r128 all seven": (2, 128, ALL_SEVEN),
 }
-VARIANTS = ("base", "inactive", "active", "baked")
+VARIANTS = ("base", "inactive", "active", "active fp16", "baked")
 ADAPTER = "bench"
 TARGETS = {  # issue 17: time ratio to the base export (decode unless named)
     ("4-bit r16 q/k/v/o", "active"): 1.03,
+    ("4-bit r16 q/k/v/o", "active fp16"): 1.03,
     ("4-bit r16 q/k/v/o", "inactive"): 1.01,
     ("2-bit r128 all seven", "active"): 1.15,
+    ("2-bit r128 all seven", "active fp16"): 1.15,
 }
 
 
@@ -99,15 +102,16 @@ def random_adapter(base: Path, rank: int, targets: tuple[str, ...], out: Path) -
 
 
 def build_case(name: str, tiny: bool, work: Path) -> dict[str, Path]:
-    """The three exports of a case (base, separate, baked), converted once per work folder."""
+    """The exports of a case (base, separate with fp32 and fp16 factors, baked), converted once per work folder."""
     from hqexport.conversion import convert
 
     bits, rank, targets = CASES[name]
     folder = work / name.replace(" ", "-").replace("/", "")
     source = base_source(bits, tiny, work)
     adapter = random_adapter(source, rank, targets, folder / "adapter")
-    outs = {"base": folder / "base", "separate": folder / "separate", "baked": folder / "baked"}
+    outs = {"base": folder / "base", "separate": folder / "separate", "separate fp16": folder / "separate-fp16", "baked": folder / "baked"}
     options = {"base": {}, "separate": {"adapters": [f"{ADAPTER}={adapter}"]},
+               "separate fp16": {"adapters": [f"{ADAPTER}={adapter}"], "adapter_dtype": "fp16"},
                "baked": {"adapters": [f"{ADAPTER}={adapter}"], "adapter_mode": "bake"}}
     for kind, out in outs.items():
         if not (out / "hqexport.json").is_file():
@@ -137,16 +141,19 @@ def time_case(outs: dict[str, Path], tokens: list[int], args: argparse.Namespace
     adapter = ort.LoraAdapter()
     adapter.Load(str(outs["separate"] / "adapters" / f"{ADAPTER}.onnx_adapter"))
     load_ms = (time.perf_counter() - started) * 1e3
+    adapter_fp16 = ort.LoraAdapter()
+    adapter_fp16.Load(str(outs["separate fp16"] / "adapters" / f"{ADAPTER}.onnx_adapter"))
 
-    def activate() -> ort.RunOptions:
+    def activate(loaded: ort.LoraAdapter = adapter) -> ort.RunOptions:
         options = ort.RunOptions()
-        options.add_active_adapter(adapter)
+        options.add_active_adapter(loaded)
         return options
 
     activate_ms = median_seconds(activate, repeats=50) * 1e3
-    active = Decoder(outs["separate"])  # its own session: "inactive" keeps one without the adapter
-    models = {"base": Decoder(outs["base"]), "inactive": Decoder(outs["separate"]), "active": active, "baked": Decoder(outs["baked"])}
-    options = {variant: activate() if variant == "active" else ort.RunOptions() for variant in models}
+    # "active" has its own session: "inactive" keeps one without the adapter
+    models = {"base": Decoder(outs["base"]), "inactive": Decoder(outs["separate"]), "active": Decoder(outs["separate"]),
+              "active fp16": Decoder(outs["separate fp16"]), "baked": Decoder(outs["baked"])}
+    options = {variant: ort.RunOptions() for variant in models} | {"active": activate(), "active fp16": activate(adapter_fp16)}
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     prompt, prefill_ids = tokens[: args.prompt], tokens[: args.prefill]
     for _ in range(args.rounds):

@@ -46,7 +46,7 @@ from hqexport.lower import (
 from hqexport.model import QuantizedLinear, QuantizedModel
 from hqexport.ops.nbits import LORA_OP_TYPE
 from hqexport.ops.schema import DOMAIN, HQQ_OP
-from hqexport.options import ACCURACY_LEVELS, ADAPTER_MODES, OPS
+from hqexport.options import ACCURACY_LEVELS, ADAPTER_DTYPES, ADAPTER_MODES, OPS
 from hqexport.read.folder import sha256
 from hqexport.read.source import read_source
 from hqexport.write.folder import staged_output
@@ -91,13 +91,14 @@ def convert(
     with_kernels: bool | None = None,
     adapters: Sequence[str] = (),
     adapter_mode: str | None = None,
+    adapter_dtype: str = "fp32",
     force: bool = False,
     progress: bool = True,
 ) -> ConvertSummary:
     """Export `source` to the folder `out`; see the module docstring. User mistakes raise HQExportError.
 
     adapters: `[NAME=]PATH` arguments (PEFT adapter folders); adapter_mode: separate (default with adapters),
-    bake or merge. ops: auto (MatMulNBits where it is exact, hqexport op elsewhere), hqq (hqexport op
+    bake or merge; adapter_dtype: the factors' dtype where LoRA lives inside the layers' nodes (fp16: lossy). ops: auto (MatMulNBits where it is exact, hqexport op elsewhere), hqq (hqexport op
     everywhere) or ort (MatMulNBits everywhere, an error for a layer it cannot express). accuracy_level: of the
     MatMulNBits nodes (ACCURACY_LEVELS); 4 trades HQQ's exact result for int8 activations. lm_head: fp32 (exact;
     stored as its int8 grid when it is one and the folder ships the kernels) or a lossy int8 / int4
@@ -122,6 +123,11 @@ def convert(
         raise HQExportError(f"--adapters {adapter_mode!r} is not supported; choose {', '.join(ADAPTER_MODES)}")
     if adapter_mode is not None and not adapters:
         raise HQExportError(f"--adapters {adapter_mode} needs at least one --adapter")
+    if adapter_dtype not in ADAPTER_DTYPES:
+        raise HQExportError(f"--adapter-dtype {adapter_dtype!r} is not supported; choose {', '.join(ADAPTER_DTYPES)}")
+    if adapter_dtype != "fp32" and (not adapters or adapter_mode == "merge"):
+        raise HQExportError(f"--adapter-dtype {adapter_dtype} sets how --adapter factors are stored; there are none to store"
+                            + (" (--adapters merge folds them into the weights)" if adapters else ""))
     mode = adapter_mode or "separate"
     opset = DEFAULT_OPSET if opset is None else opset
     check_opset(opset)
@@ -159,6 +165,11 @@ def convert(
         targets = {module for spec in specs for module in spec.modules} if mode != "merge" else set()
         # LoRA inside the kernel's nodes (adapters/fused.py) where they all run on it; else a branch per target
         fused_lora = bool(targets) and fp32_kernel and _lora_fuses(qmodel, specs, targets)
+        if adapter_dtype != "fp32" and not fused_lora:
+            raise HQExportError(
+                f"--adapter-dtype {adapter_dtype} needs the adapters inside the layers' nodes: --ops auto, --dtype fp32, the "
+                "kernels library, no DoRA, every target layer lowerable"
+            )
         with steps(f"Building the decoder graph (opset {opset})"):
             graph = build_decoder(qmodel, config, io, opset=opset, own_outputs=set() if fused_lora else targets, head=head,
                                   shortlist=choice.shortlist)
@@ -176,7 +187,7 @@ def convert(
                 layers = lower_layers(graph.model, layers, ops=ops, accuracy_level=accuracy_level, fuse=fuse)
         if fused_lora:
             with steps(f"Adding {len(specs)} adapter(s) ({mode}, inside the layers' nodes)"):
-                adapter_export = apply_adapters(graph.model, layers, specs, mode, dtype=dtype, fused=True)
+                adapter_export = apply_adapters(graph.model, layers, specs, mode, dtype=dtype, fused=True, factor_dtype=adapter_dtype)
             layers |= {path: dataclasses.replace(layers[path], op=f"{DOMAIN}.{LORA_OP_TYPE}") for path in targets}
         if LOWERINGS[ops] is not None:  # the MLPs' gating into their gate/up nodes, where those are HQQMatMulNBits ones
             layers = fuse_swiglu(graph.model, layers)

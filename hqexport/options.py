@@ -15,5 +15,7 @@ DTYPES = ("fp32", "fp16")
 LM_HEADS = ("fp32", "int8", "int4")
 #: what happens to LoRA adapters: hot-swappable files, baked into the graph, or merged by re-quantization
 ADAPTER_MODES = ("separate", "bake", "merge")
+#: dtype of LoRA factors inside the layers' nodes: fp32 (exact) or fp16 (half the bytes, rounded: lossy)
+ADAPTER_DTYPES = ("fp32", "fp16")
 #: onnxruntime execution providers validate runs the export on
 PROVIDERS = ("cpu", "cuda")

@@ -416,8 +416,14 @@ def test_adapter_folder_missing(lora, out, tmp_path):
 
 @pytest.mark.parametrize(
     ("options", "problem"),
-    [(("--adapters", "bake"), "needs at least one --adapter"), (("--adapters", "merge", "--adapter", "x={a}", "--adapter", "y={a}"), "one model per adapter")],
-    ids=["mode-without-adapter", "merge-two"],
+    [
+        (("--adapters", "bake"), "needs at least one --adapter"),
+        (("--adapters", "merge", "--adapter", "x={a}", "--adapter", "y={a}"), "one model per adapter"),
+        (("--adapter-dtype", "fp16"), "--adapter-dtype fp16 sets how --adapter factors are stored; there are none to store"),
+        (("--adapter-dtype", "fp16", "--adapter", "x={a}", "--adapters", "merge"), "(--adapters merge folds them into the weights)"),
+        (("--adapter-dtype", "fp16", "--adapter", "x={a}", "--ops", "hqq"), "--adapter-dtype fp16 needs the adapters inside the layers' nodes"),
+    ],
+    ids=["mode-without-adapter", "merge-two", "dtype-without-adapter", "dtype-with-merge", "dtype-without-fused-nodes"],
 )
 def test_adapter_usage(lora, out, options, problem):
     line = convert_fails(lora.base, out, *(o.format(a=lora.adapter) for o in options))

@@ -21,21 +21,23 @@ SEGMENTS = {"whole": [(0, N)], "two of three": [(0, 16), (32, N)], "three": [(0,
 ROWS = (1, 3, 7, 40)  # dot products below 4 rows; GEMM panels of 8, of 16 and several panels from 4
 
 
-def _fused_model(columns: list[tuple[int, int]], baked: dict[str, np.ndarray] | None = None, *, bits: int = 4) -> tuple[ir.Model, torch.Tensor, FusedGroup]:
+def _fused_model(
+    columns: list[tuple[int, int]], baked: dict[str, np.ndarray] | None = None, *, bits: int = 4, factor_dtype: type = np.float32
+) -> tuple[ir.Model, torch.Tensor, FusedGroup]:
     hqq_layer = _hqq_layer(bits, 32, axis=1, seed=bits)
     model = LowerToMatMulNBits("auto")(_single_layer_model(hqq_layer)).model
     node = next(iter(model.graph)).name
     group = FusedGroup("layer0", node, K, tuple(f"part{i}" for i in range(len(columns))), tuple(columns))
-    FuseLora({node: group}, dtype=np.dtype(np.float32), baked=baked)(model)
+    FuseLora({node: group}, dtype=np.dtype(factor_dtype), baked=baked)(model)
     with torch.no_grad():
         weight = hqq_layer.dequantize().double().numpy()
     return model, weight, group
 
 
-def _factors(group: FusedGroup, rank: int, seed: int = 0) -> dict[str, np.ndarray]:
+def _factors(group: FusedGroup, rank: int, seed: int = 0, dtype: type = np.float32) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    lora_a = rng.standard_normal((len(group.columns) * rank, K)).astype(np.float32) / K**0.5
-    lora_b = rng.standard_normal((group.widths, rank)).astype(np.float32)
+    lora_a = (rng.standard_normal((len(group.columns) * rank, K)) / K**0.5).astype(dtype)
+    lora_b = rng.standard_normal((group.widths, rank)).astype(dtype)
     return {"layer0.lora_A.weight": lora_a, "layer0.lora_B.weight": lora_b}
 
 
@@ -50,14 +52,16 @@ def _expected(x: np.ndarray, weight: np.ndarray, group: FusedGroup, factors: dic
     return y
 
 
+@pytest.mark.parametrize("factor_dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("segments", SEGMENTS)
 @pytest.mark.parametrize("runtime", ["kernel", "function body"])
-def test_lora_node_matches_numpy(segments, runtime, request):
-    """Each segment's product lands in its own columns and nowhere else, for decode and prefill row counts."""
-    model, weight, group = _fused_model(SEGMENTS[segments])
+def test_lora_node_matches_numpy(segments, runtime, factor_dtype, request):
+    """Each segment's product lands in its own columns and nowhere else, for decode and prefill row counts; fp16
+    factors (convert --adapter-dtype fp16) are widened exactly and multiplied in fp32 like fp32 ones."""
+    model, weight, group = _fused_model(SEGMENTS[segments], factor_dtype=factor_dtype)
     library = request.getfixturevalue("library") if runtime == "kernel" else None
     session = _session(model, library)
-    factors = _factors(group, rank=5)
+    factors = _factors(group, rank=5, dtype=factor_dtype)
     for rows in ROWS:
         x = np.random.default_rng(rows).standard_normal((rows, K))
         got = session.run(None, {"A": x.astype(np.float32), **factors})[0]

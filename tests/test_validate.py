@@ -118,6 +118,34 @@ def test_validate_passes_on_the_default_cli_export(source, lora_adapter, tmp_pat
     assert checks[f"adapter:{ADAPTER}"]["status"] == "PASS"
 
 
+def test_fp16_adapter_factors_are_recorded_and_judged_as_lossy(source, lora_adapter, tmp_path):
+    """--adapter-dtype fp16: the adapter file holds the fp32 export's factors rounded to fp16, the manifest records
+    it on the adapter (the base model stays exact), and validate judges that adapter by top-1 agreement."""
+    files = {}
+    for dtype in ("fp32", "fp16"):
+        out = tmp_path / dtype
+        result = CliRunner().invoke(main, ["convert", str(source), "-o", str(out), "--adapter", f"{ADAPTER}={lora_adapter}", "--adapter-dtype", dtype])
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((out / "hqexport.json").read_text())
+        entry = manifest["adapters"][ADAPTER]
+        assert entry["factor_dtype"] == dtype and manifest["model"]["lossy"] == []
+        files[dtype] = read_adapter_file(out / entry["file"])
+    assert files["fp16"].keys() == files["fp32"].keys()
+    rounded = [np.any(files["fp16"][name].astype(np.float32) != files["fp32"][name]) for name in files["fp32"] if files["fp32"][name].size]
+    assert any(rounded)  # rounding changed some factors ...
+    for name, factors in files["fp32"].items():  # ... and nothing else
+        assert files["fp16"][name].dtype == np.float16
+        np.testing.assert_array_equal(files["fp16"][name], factors.astype(np.float16))
+    report_file = tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "fp16"), "--adapter", "all", "--tokens", "8", "--json", str(report_file)])
+    assert result.exit_code == 0, result.output
+    checks = {check["name"]: check for check in json.loads(report_file.read_text())["checks"]}
+    adapter = checks[f"adapter:{ADAPTER}"]
+    assert adapter["status"] == "PASS" and adapter["threshold"] == {"top1_agreement": 0.95} and "lossy: fp16 factors" in adapter["message"]
+    assert 0 < adapter["figures"]["relative"] < 0.01 * adapter["figures"]["adapter_effect_relative"]  # a rounding, not a new adapter
+    assert "relative" in checks["logits"]["threshold"]  # the base model is still held to exactness
+
+
 def test_accuracy_level_4_is_recorded_and_validate_measures_what_it_costs(source, tmp_path):
     """--accuracy-level 4: every layer's node (HQQMatMulNBits, whose kernel and MatMulNBits body then quantize
     activations) carries the level; the manifest lists it as lossy, the weights still decode within tolerance, and

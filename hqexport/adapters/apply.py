@@ -27,6 +27,7 @@ from hqexport.files import ADAPTERS_DIR, adapter_file
 from hqexport.model import QuantizedLinear
 
 _DTYPES = {"fp32": (np.dtype(np.float32), torch.float32), "fp16": (np.dtype(np.float16), torch.float16)}
+_DTYPE_NAMES = {np_dtype: name for name, (np_dtype, _) in _DTYPES.items()}
 
 
 @dataclass
@@ -80,6 +81,7 @@ def apply_adapters(
     base_linears: Mapping[str, QuantizedLinear] | None = None,
     fill_untouched: bool = True,
     fused: bool = False,
+    factor_dtype: str = "fp32",
 ) -> AdapterExport:
     """Add LoRA branches to `model` for `separate` or `bake` (`model` is changed in place).
 
@@ -88,6 +90,8 @@ def apply_adapters(
     fill_untouched: in separate mode each adapter file also holds rank-0 factors for the branches it does not
     use, so activating it alone always means exactly that adapter (at the price of never combining adapters).
     fused: LoRA inside the targets' HQQMatMulNBits nodes (fused.py); otherwise a branch beside each target node (graph.py).
+    factor_dtype: the factors' dtype inside the nodes (fused only): fp32, or fp16 (lossy: recorded in each adapter's
+    manifest entry as factor_dtype, and validate judges the adapter as lossy).
     """
     if mode not in ("separate", "bake"):
         raise HQExportError(f"--adapters {mode}: apply_adapters handles separate and bake (merge comes before export)")
@@ -97,13 +101,15 @@ def apply_adapters(
         raise HQExportError(f"--adapters bake builds one model per adapter; got {len(adapters)} adapters")
     np_dtype, act_dtype = _DTYPES[dtype]
     _check_targets(adapters, layers)
+    if factor_dtype != "fp32" and not fused:
+        raise HQExportError(f"--adapter-dtype {factor_dtype} applies to LoRA inside the layers' nodes; these adapters need branches")
 
     dora_modules = {m for spec in adapters if spec.use_dora for m in spec.modules}
     modules = sorted({m for spec in adapters for m in spec.modules})
     if fused:
         if dora_modules:
             raise HQExportError("DoRA adapters need LoRA branches; they do not fuse into the layers' nodes")
-        return _apply_fused(model, layers, adapters, mode, modules, np_dtype, fill_untouched)
+        return _apply_fused(model, layers, adapters, mode, modules, _DTYPES[factor_dtype][0], fill_untouched)
     branches: dict[str, Branch] = {}
     for module in modules:
         n, k = layers[module].shape
@@ -158,7 +164,7 @@ def _apply_fused(
     dtype: np.dtype,
     fill_untouched: bool,
 ) -> AdapterExport:
-    """apply_adapters with LoRA inside the nodes: one pair of parameters per adapted node (fused.py)."""
+    """apply_adapters with LoRA inside the nodes: one pair of parameters per adapted node (fused.py), of `dtype`."""
     groups = fused_groups(layers, modules)
     baked = None
     if mode == "bake":
@@ -172,4 +178,7 @@ def _apply_fused(
             params.update(values if values is not None else rank0_parameters(group, dtype) if fill_untouched else {})
         return params
 
-    return _export(model, adapters, mode, parameters)
+    export = _export(model, adapters, mode, parameters)
+    for entry in export.manifest.values():
+        entry["factor_dtype"] = _DTYPE_NAMES[np.dtype(dtype)]
+    return export

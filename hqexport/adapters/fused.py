@@ -78,6 +78,8 @@ def group_parameters(group: FusedGroup, spec: AdapterSpec, dtype: np.dtype) -> d
             lora_a[s * rank : s * rank + a_t.shape[1]] = a_t.T
             lora_b[row : row + stop - start, : b_t.shape[0]] = b_t.T
         row += stop - start
+    if not (np.isfinite(lora_a).all() and np.isfinite(lora_b).all()):
+        raise HQExportError(f"adapter {spec.name}: {', '.join(factors)} have factors beyond {np.dtype(dtype).name}'s range")
     return {lora_a_name(group.path): lora_a, lora_b_name(group.path): lora_b}
 
 

@@ -36,7 +36,8 @@ def read_adapter_file(path: Path) -> dict[str, np.ndarray]:
         adapter = ort.AdapterFormat.read_adapter(str(path))
     except Exception as err:  # onnxruntime raises its own untyped errors for a corrupt file
         raise HQExportError(f"not an onnxruntime adapter file: {err}", path) from None
-    return {name: value.numpy() for name, value in adapter.get_parameters().items()}
+    # copies: the arrays onnxruntime hands out may view the adapter's buffer, which goes with `adapter`
+    return {name: np.array(value.numpy(), copy=True) for name, value in adapter.get_parameters().items()}
 
 
 def overridable_inputs(model: onnx.ModelProto | ir.Model) -> dict[str, tuple[int, list[int | str]]]:

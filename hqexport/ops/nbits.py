@@ -25,8 +25,8 @@ hqexport::HQQMatMulNBitsLoRA is the same layer with a LoRA branch in the node (a
 adapter costs no extra nodes and an inactive one (rank 0) no work. Two more inputs, graph inputs an adapter file
 overrides, stored [out, in] like B so that the kernel reads contiguous rows:
 
-    lora_A           [S * r, K]                float   the S segments' A factors, stacked
-    lora_B           [sum of widths, r]        float   their B factors (PEFT's scaling folded in), stacked
+    lora_A           [S * r, K]                float or float16   the S segments' A factors, stacked
+    lora_B           [sum of widths, r]        lora_A's dtype     their B factors (PEFT's scaling folded in), stacked
 
 and attribute lora_columns = [start_0, stop_0, ..., start_S-1, stop_S-1]: segment s adds
 (A @ lora_A[s r : (s + 1) r]^T) @ lora_B[its rows]^T to output columns [start_s, stop_s) (one segment per
@@ -69,7 +69,7 @@ _DOC = {
     "lora_A": "[segments * rank, K]: the segments' LoRA A factors",
     "lora_B": "[sum of the segments' widths, rank]: their B factors, scaling folded in",
 }
-_TYPES = {"A": "T1", "B": "T2", "scales": "T1", "zero_points": "T2", "group_sum": "T1", "zero_correction": "T1", "lora_A": "T1", "lora_B": "T1"}
+_TYPES = {"A": "T1", "B": "T2", "scales": "T1", "zero_points": "T2", "group_sum": "T1", "zero_correction": "T1", "lora_A": "T3", "lora_B": "T3"}
 
 
 def _schema(op_type: str, inputs: tuple[str, ...], doc: str, lora: bool, swiglu: bool = False) -> OpSchema:
@@ -84,7 +84,8 @@ def _schema(op_type: str, inputs: tuple[str, ...], doc: str, lora: bool, swiglu:
         doc=doc,
         inputs=[OpSchema.FormalParameter(name, _TYPES[name], _DOC[name]) for name in inputs],
         outputs=[OpSchema.FormalParameter("Y", "T1", "silu(gate) * up [..., N / 2]" if swiglu else "output [..., N]")],
-        type_constraints=[("T1", ["tensor(float)"], "activation dtype"), ("T2", ["tensor(uint8)"], "packed codes")],
+        type_constraints=[("T1", ["tensor(float)"], "activation dtype"), ("T2", ["tensor(uint8)"], "packed codes")]
+        + ([("T3", ["tensor(float)", "tensor(float16)"], "LoRA factors (fp16: convert --adapter-dtype fp16)")] if lora else []),
         attributes=attributes,
     )
 
@@ -176,15 +177,17 @@ def _lora_nodes(base: str, output: str) -> list[onnx.NodeProto]:
         node("Unsqueeze", ["lora.outputs", "lora.axis0"], "lora.outputs_row"),
         node("Equal", ["lora.col_col", "lora.outputs_row"], "lora.hit"),
         node("Cast", ["lora.hit"], "lora.place", to=onnx.TensorProto.FLOAT),
-        node("Transpose", ["lora_A"], "lora.a_t"),
+        node("Cast", ["lora_A"], "lora.a", to=onnx.TensorProto.FLOAT),
+        node("Cast", ["lora_B"], "lora.b", to=onnx.TensorProto.FLOAT),
+        node("Transpose", ["lora.a"], "lora.a_t"),
         node("MatMul", ["A", "lora.a_t"], "lora.t"),
         node("Shape", ["lora.t"], "lora.lead", end=-1),
         node("Shape", ["lora.starts"], "lora.segments"),
-        node("Shape", ["lora_B"], "lora.rank", start=1),
+        node("Shape", ["lora.b"], "lora.rank", start=1),
         node("Concat", ["lora.lead", "lora.segments", "lora.rank"], "lora.t_shape", axis=0),
         node("Reshape", ["lora.t", "lora.t_shape"], "lora.t_segments", allowzero=1),  # rank 0 is a size, not "keep"
         node("Gather", ["lora.t_segments", "lora.seg"], "lora.t_rows", axis=-2),
-        node("Mul", ["lora.t_rows", "lora_B"], "lora.products"),
+        node("Mul", ["lora.t_rows", "lora.b"], "lora.products"),
         node("ReduceSum", ["lora.products", "lora.last"], "lora.v", keepdims=0),
         node("MatMul", ["lora.v", "lora.place"], "lora.update"),
         node("Add", [base, "lora.update"], output),

@@ -101,8 +101,11 @@ def check_adapter(ctx: Context, name: str) -> CheckResult:
         "decisive_top1_mismatches": top1.decisive_mismatches,
         "adapter_effect_relative": effect.relative,  # how much the adapter moves the reference logits
     }
-    failures, threshold = judge_logits(ctx, diff, top1)
-    message = f"adapter {name}: " + ("; ".join(failures) if failures else f"relative {diff.relative:.3g}, cosine {diff.cosine:.6f}")
+    # fp16 factors (convert --adapter-dtype fp16) round the adapter: its loss is measured like a lossy export's
+    lossy = [*ctx.lossy, *([f"{entry['factor_dtype']} factors"] if entry.get("factor_dtype", "fp32") != "fp32" else [])]
+    failures, threshold = judge_logits(ctx, diff, top1, lossy=bool(lossy))
+    summary = f"relative {diff.relative:.3g}, cosine {diff.cosine:.6f}, top-1 {top1.fraction:.1%}"
+    message = f"adapter {name}: " + ("; ".join(failures) if failures else summary) + (f" (lossy: {', '.join(lossy)})" if lossy else "")
     return CheckResult(check, not failures, figures, threshold, message)
 
 

@@ -202,16 +202,16 @@ def check_logits(ctx: Context) -> CheckResult:
         "decisive_top1_mismatches": top1.decisive_mismatches,
     }
     summary = f"relative {diff.relative:.3g}, cosine {diff.cosine:.6f}, top-1 {top1.agree}/{top1.total}"
-    failures, threshold = judge_logits(ctx, diff, top1)
+    failures, threshold = judge_logits(ctx, diff, top1, lossy=bool(ctx.lossy))
     if ctx.lossy:
         verdict = "; ".join(failures) or f"top-1 agreement {top1.fraction:.1%}"
         return CheckResult("logits", not failures, figures, threshold, f"lossy export ({', '.join(ctx.lossy)}): {verdict}; {summary}")
     return CheckResult("logits", not failures, figures, threshold, "; ".join(failures) if failures else summary)
 
 
-def judge_logits(ctx: Context, diff: Difference, top1: Top1) -> tuple[list[str], dict[str, Any]]:
-    """(failures, threshold) of logits against the reference: exactness, or for a lossy export top-1 agreement."""
-    if ctx.lossy:
+def judge_logits(ctx: Context, diff: Difference, top1: Top1, *, lossy: bool) -> tuple[list[str], dict[str, Any]]:
+    """(failures, threshold) of logits against the reference: exactness, or for a lossy result top-1 agreement."""
+    if lossy:
         agree = top1.fraction >= LOSSY_TOP1_AGREEMENT
         return ([] if agree else [f"top-1 agreement {top1.fraction:.1%} < {LOSSY_TOP1_AGREEMENT:.0%}"]), {"top1_agreement": LOSSY_TOP1_AGREEMENT}
     limits = ctx.thresholds

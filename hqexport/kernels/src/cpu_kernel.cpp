@@ -223,7 +223,21 @@ SegmentFn pick_segment(const Problem& p) {
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t len) {
+// 8 fp16 values widened to fp32 (exact).
+inline v8f load8(const _Float16* p) {
+#ifdef __AVX2__
+  const __m256 wide = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  v8f v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+#else
+  return v8f{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]};
+#endif
+}
+
+// The dot product of fp32 a with b (fp32, or fp16 LoRA factors), in a fixed order.
+template <typename B>
+inline float dot(const float* a, const B* b, int64_t len) {
   v8f s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t i = 0;
   for (; i + 32 <= len; i += 32) {
@@ -235,7 +249,7 @@ inline float dot(const float* a, const float* b, int64_t len) {
   for (; i + 8 <= len; i += 8) s0 += load8(a + i) * load8(b + i);
   const v8f s = (s0 + s1) + (s2 + s3);
   float total = hsum(s);
-  for (; i < len; ++i) total += a[i] * b[i];
+  for (; i < len; ++i) total += a[i] * static_cast<float>(b[i]);
   return total;
 }
 
@@ -738,12 +752,12 @@ bool with_zeros(const Problem& p, const Runner& runner) {
   return ok;
 }
 
-// ---- LoRA (HQQMatMulNBitsLoRA): Y[:, columns of s] += (A @ lora_A_s^T) @ lora_B_s^T, fp32 ----
+// ---- LoRA (HQQMatMulNBitsLoRA): Y[:, columns of s] += (A @ lora_A_s^T) @ lora_B_s^T, fp32 arithmetic ----
 //
 // Two products with a rank-sized middle: T = A @ lora_A^T [M, segments * rank], then each lora_B row (one output
 // column) dotted with its segment's part of T. Below 4 rows of A both are dot products over contiguous rows (the
 // factors are stored [out, in] like W for that reason); from 4 rows on both run as the panel GEMM above, its
-// "dequantization" a copy of fp32 rows.
+// "dequantization" a copy of the factors' rows (widened to fp32 when they are fp16: half the bytes to read).
 
 constexpr int64_t kLoraRowsA = 16;  // rows of lora_A per task (M < 4)
 constexpr int64_t kLoraRowsB = 64;  // rows of lora_B per task (M < 4)
@@ -751,9 +765,13 @@ constexpr int64_t kLoraRowsB = 64;  // rows of lora_B per task (M < 4)
 // pool cost more than the work (rank 16 on q/k/v is about 43 thousand).
 constexpr int64_t kLoraSerialWork = int64_t{1} << 17;
 
-// W[n, k0 .. k0+len] of an fp32 matrix [N, K] held in p.W.
+// W[n, k0 .. k0+len] of an fp32 or fp16 matrix [N, K] held in p.W, as floats.
+template <typename F>
 void copy_segment(const Problem& p, int64_t n, int64_t k0, int64_t len, float* out) {
-  std::memcpy(out, static_cast<const float*>(p.W) + n * p.K + k0, static_cast<size_t>(len) * sizeof(float));
+  const F* row = static_cast<const F*>(p.W) + n * p.K + k0;
+  int64_t k = 0;
+  for (; k + 8 <= len; k += 8) store8(out + k, load8(row + k));
+  for (; k < len; ++k) out[k] = static_cast<float>(row[k]);
 }
 
 struct LoraJob {
@@ -761,6 +779,7 @@ struct LoraJob {
   float* T;  // [M, segments * rank]
 };
 
+template <typename F>
 void lora_a_task(void* data, size_t task) {
   const LoraJob& job = *static_cast<const LoraJob*>(data);
   const Problem& p = *job.p;
@@ -768,10 +787,11 @@ void lora_a_task(void* data, size_t task) {
   const float* A = static_cast<const float*>(p.A);
   const int64_t end = min64(R, static_cast<int64_t>(task + 1) * kLoraRowsA);
   for (int64_t j = static_cast<int64_t>(task) * kLoraRowsA; j < end; ++j) {
-    for (int64_t m = 0; m < p.M; ++m) job.T[m * R + j] = dot(A + m * p.K, p.lora_A + j * p.K, p.K);
+    for (int64_t m = 0; m < p.M; ++m) job.T[m * R + j] = dot(A + m * p.K, static_cast<const F*>(p.lora_A) + j * p.K, p.K);
   }
 }
 
+template <typename F>
 void lora_b_task(void* data, size_t task) {
   const LoraJob& job = *static_cast<const LoraJob*>(data);
   const Problem& p = *job.p;
@@ -784,19 +804,20 @@ void lora_b_task(void* data, size_t task) {
     const int64_t start = p.lora_columns[2 * s], width = p.lora_columns[2 * s + 1] - start;
     for (; c < end && c < first + width; ++c) {
       const int64_t n = start + c - first;
-      for (int64_t m = 0; m < p.M; ++m) Y[m * p.N + n] += dot(job.T + m * R + s * r, p.lora_B + c * r, r);
+      for (int64_t m = 0; m < p.M; ++m) Y[m * p.N + n] += dot(job.T + m * R + s * r, static_cast<const F*>(p.lora_B) + c * r, r);
     }
     first += width;
   }
 }
 
 // From 4 rows of A: T by the panel GEMM, then per segment T_s @ lora_B_s^T into a scratch block added to Y.
+template <typename F>
 bool lora_gemm(const Problem& p, float* T, const Runner& runner) {
   const int64_t r = p.lora_rank, R = p.lora_segments * r;
   Problem lora_a = p;
   lora_a.N = R;
   lora_a.W = p.lora_A;
-  if (!gemm(lora_a, &copy_segment, static_cast<const float*>(p.A), T, runner)) return false;
+  if (!gemm(lora_a, &copy_segment<F>, static_cast<const float*>(p.A), T, runner)) return false;
   int64_t widest = 0;
   for (int64_t s = 0; s < p.lora_segments; ++s) widest = std::max(widest, p.lora_columns[2 * s + 1] - p.lora_columns[2 * s]);
   float* ts = static_cast<float*>(std::malloc(static_cast<size_t>(p.M * r) * sizeof(float)));
@@ -810,8 +831,8 @@ bool lora_gemm(const Problem& p, float* T, const Runner& runner) {
     Problem lora_b = p;
     lora_b.N = width;
     lora_b.K = r;
-    lora_b.W = p.lora_B + first * r;
-    ok = gemm(lora_b, &copy_segment, ts, up, runner);
+    lora_b.W = static_cast<const F*>(p.lora_B) + first * r;
+    ok = gemm(lora_b, &copy_segment<F>, ts, up, runner);
     for (int64_t m = 0; ok && m < p.M; ++m) {
       for (int64_t j = 0; j < width; ++j) Y[m * p.N + start + j] += up[m * width + j];
     }
@@ -819,6 +840,29 @@ bool lora_gemm(const Problem& p, float* T, const Runner& runner) {
   }
   std::free(ts);
   std::free(up);
+  return ok;
+}
+
+// lora_add for factors of C++ type F.
+template <typename F>
+bool lora_add_as(const Problem& p, const Runner& runner) {
+  const int64_t R = p.lora_segments * p.lora_rank;
+  if (R == 0 || p.M == 0) return true;
+  float* T = static_cast<float*>(std::malloc(static_cast<size_t>(p.M * R) * sizeof(float)));
+  if (T == nullptr) return false;
+  LoraJob job{&p, T};
+  bool ok = true;
+  if (p.M < 4) {
+    int64_t columns = 0;
+    for (int64_t s = 0; s < p.lora_segments; ++s) columns += p.lora_columns[2 * s + 1] - p.lora_columns[2 * s];
+    const bool serial = (R * p.K + columns * p.lora_rank) * p.M < kLoraSerialWork;
+    const auto run = serial ? &serial_for : runner.parallel_for;
+    run(runner.ctx, &lora_a_task<F>, static_cast<size_t>((R + kLoraRowsA - 1) / kLoraRowsA), &job);
+    run(runner.ctx, &lora_b_task<F>, static_cast<size_t>((columns + kLoraRowsB - 1) / kLoraRowsB), &job);
+  } else {
+    ok = lora_gemm<F>(p, T, runner);
+  }
+  std::free(T);
   return ok;
 }
 
@@ -921,24 +965,7 @@ bool matmul(const Problem& p, const Runner& runner) {
 }
 
 bool lora_add(const Problem& p, const Runner& runner) {
-  const int64_t R = p.lora_segments * p.lora_rank;
-  if (R == 0 || p.M == 0) return true;
-  float* T = static_cast<float*>(std::malloc(static_cast<size_t>(p.M * R) * sizeof(float)));
-  if (T == nullptr) return false;
-  LoraJob job{&p, T};
-  bool ok = true;
-  if (p.M < 4) {
-    int64_t columns = 0;
-    for (int64_t s = 0; s < p.lora_segments; ++s) columns += p.lora_columns[2 * s + 1] - p.lora_columns[2 * s];
-    const bool serial = (R * p.K + columns * p.lora_rank) * p.M < kLoraSerialWork;
-    const auto run = serial ? &serial_for : runner.parallel_for;
-    run(runner.ctx, &lora_a_task, static_cast<size_t>((R + kLoraRowsA - 1) / kLoraRowsA), &job);
-    run(runner.ctx, &lora_b_task, static_cast<size_t>((columns + kLoraRowsB - 1) / kLoraRowsB), &job);
-  } else {
-    ok = lora_gemm(p, T, runner);
-  }
-  std::free(T);
-  return ok;
+  return p.lora_dtype == DType::F16 ? lora_add_as<_Float16>(p, runner) : lora_add_as<float>(p, runner);
 }
 
 void swiglu(const float* full, int64_t M, int64_t half, float* out, const Runner& runner) {

@@ -155,6 +155,7 @@ std::string describe_hqq(Ort::KernelContext& ctx, const Attrs& a, bool /*checked
 
 constexpr auto kU8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 
 int64_t zero_point_row_bytes(const Attrs& a) { return (a.K / a.group_size * a.bits + 7) / 8; }
 
@@ -220,7 +221,8 @@ std::string describe_nbits(Ort::KernelContext& ctx, const Attrs& a, bool checked
   return describe_nbits_inputs(ctx, a, checked, p, y_shape);
 }
 
-// HQQMatMulNBitsLoRA: HQQMatMulNBits' inputs, then lora_A [segments * r, K] and lora_B [sum of widths, r], fp32.
+// HQQMatMulNBitsLoRA: HQQMatMulNBits' inputs, then lora_A [segments * r, K] and lora_B [sum of widths, r], both
+// fp32 or both fp16.
 std::string describe_nbits_lora(Ort::KernelContext& ctx, const Attrs& a, bool checked, Problem& p, std::vector<int64_t>& y_shape) {
   const size_t count = ctx.GetInputCount();
   if (count != 8) return "expects 8 inputs, got " + std::to_string(count);
@@ -234,12 +236,16 @@ std::string describe_nbits_lora(Ort::KernelContext& ctx, const Attrs& a, bool ch
     return "lora_A of shape " + shape_text(a_shape) + " is not [" + std::to_string(segments) + " * rank, K]";
   }
   const int64_t rank = a_shape[0] / segments;
-  for (const std::string& error : {check_input(ctx.GetInput(6), "lora_A", kF32, "float", {segments * rank, a.K}),
-                                   check_input(ctx.GetInput(7), "lora_B", kF32, "float", {columns, rank})}) {
+  const auto type = ctx.GetInput(6).GetTensorTypeAndShapeInfo().GetElementType();
+  if (type != kF32 && type != kF16) return "lora_A must be float or float16";
+  const char* type_name = type == kF32 ? "float (lora_A's dtype)" : "float16 (lora_A's dtype)";
+  for (const std::string& error : {check_input(ctx.GetInput(6), "lora_A", type, type_name, {segments * rank, a.K}),
+                                   check_input(ctx.GetInput(7), "lora_B", type, type_name, {columns, rank})}) {
     if (!error.empty()) return error;
   }
-  p.lora_A = static_cast<const float*>(ctx.GetInput(6).GetTensorRawData());
-  p.lora_B = static_cast<const float*>(ctx.GetInput(7).GetTensorRawData());
+  p.lora_A = ctx.GetInput(6).GetTensorRawData();
+  p.lora_B = ctx.GetInput(7).GetTensorRawData();
+  p.lora_dtype = static_cast<DType>(type);
   p.lora_columns = a.lora_columns.data();
   p.lora_segments = segments;
   p.lora_rank = rank;

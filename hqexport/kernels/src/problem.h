@@ -43,8 +43,10 @@ struct Problem {
   // hqexport::HQQMatMulNBitsLoRA (ops/nbits.py): a LoRA branch added to Y, scaling folded into lora_B. Segment s
   // adds (A @ lora_A[s * rank : (s + 1) * rank]^T) @ lora_B[its rows]^T to the output columns [lora_columns[2 s],
   // lora_columns[2 s + 1]); lora_B's rows follow the segments in order. lora_rank 0 (an inactive adapter): nothing.
-  const float* lora_A = nullptr;          // [lora_segments * lora_rank, K]
-  const float* lora_B = nullptr;          // [sum of the segments' widths, lora_rank]
+  // The factors are fp32, or fp16 (lora_dtype; convert --adapter-dtype fp16), widened to fp32 as they are read.
+  const void* lora_A = nullptr;           // [lora_segments * lora_rank, K]
+  const void* lora_B = nullptr;           // [sum of the segments' widths, lora_rank]
+  DType lora_dtype = DType::F32;
   const int64_t* lora_columns = nullptr;  // [2 * lora_segments]
   int64_t lora_segments = 0, lora_rank = 0;
 };
