@@ -92,18 +92,19 @@ def test_bench_e2e_exact_tokens_equal_hqq_pytorch_in_both_runtimes(e2e):
 
 @pytest.mark.integration  # converts three models: runs in .ci/run's integration step
 def test_bench_adapters_rows_and_adapter_semantics(tmp_path):
-    """Per case: the four variants and the switch row; with the adapter active the separate export decodes the
+    """Per case: the five variants and the switch row; with the adapter active the separate export decodes the
     baked export's tokens, inactive it decodes the base export's, and the adapter changes them."""
     out = tmp_path / "adapters.json"
     _run("bench_adapters.py", "--tiny", "--rounds", "1", "--out", str(out))
     data = json.loads(out.read_text())
     rows = {(row["case"], row["variant"]): row for row in data["rows"]}
     for case, results in data["cases"].items():
-        assert {variant for (name, variant) in rows if name == case} == {"base", "inactive", "active", "baked", "switch"}
+        assert {variant for (name, variant) in rows if name == case} == {"base", "inactive", "active", "active fp16", "baked", "switch"}
         assert results["active"]["tokens"] == results["baked"]["tokens"]
         assert results["inactive"]["tokens"] == results["base"]["tokens"]
         assert results["base"]["tokens"] != results["baked"]["tokens"], case
         assert rows[(case, "base")]["decode vs base"] == 1 and rows[(case, "active")]["decode ms"] > 0
+        assert len(results["active fp16"]["tokens"]) == len(results["baked"]["tokens"])  # fp16 factors may flip a token
         assert results["switch"]["load_ms"] > 0 and results["switch"]["activate_ms"] > 0
 
 
