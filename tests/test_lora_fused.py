@@ -16,8 +16,9 @@ from hqexport.errors import HQExportError
 from hqexport.lower import LowerToMatMulNBits
 from tests.test_lowering import K, N, _hqq_layer, _run, _session, _single_layer_model
 
-#: output columns of the segments: one layer, a packed node's first and last parts (q and v of q/k/v), three parts
-SEGMENTS = {"whole": [(0, N)], "two of three": [(0, 16), (32, N)], "three": [(0, 8), (8, 40), (40, N)]}
+#: output columns of the segments: one layer, a packed node's first and last parts (q and v of q/k/v), three parts,
+#: widths that the kernel's eight columns at a time do not divide
+SEGMENTS = {"whole": [(0, N)], "two of three": [(0, 16), (32, N)], "three": [(0, 8), (8, 40), (40, N)], "odd widths": [(0, 13), (20, N)]}
 ROWS = (1, 3, 7, 40)  # dot products below 4 rows; GEMM panels of 8, of 16 and several panels from 4
 
 
@@ -52,16 +53,17 @@ def _expected(x: np.ndarray, weight: np.ndarray, group: FusedGroup, factors: dic
     return y
 
 
+@pytest.mark.parametrize("rank", [5, 12])  # below the kernel's 8 lanes; 8 lanes and a tail
 @pytest.mark.parametrize("factor_dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("segments", SEGMENTS)
 @pytest.mark.parametrize("runtime", ["kernel", "function body"])
-def test_lora_node_matches_numpy(segments, runtime, factor_dtype, request):
+def test_lora_node_matches_numpy(segments, runtime, factor_dtype, rank, request):
     """Each segment's product lands in its own columns and nowhere else, for decode and prefill row counts; fp16
     factors (convert --adapter-dtype fp16) are widened exactly and multiplied in fp32 like fp32 ones."""
     model, weight, group = _fused_model(SEGMENTS[segments], factor_dtype=factor_dtype)
     library = request.getfixturevalue("library") if runtime == "kernel" else None
     session = _session(model, library)
-    factors = _factors(group, rank=5, dtype=factor_dtype)
+    factors = _factors(group, rank=rank, dtype=factor_dtype)
     for rows in ROWS:
         x = np.random.default_rng(rows).standard_normal((rows, K))
         got = session.run(None, {"A": x.astype(np.float32), **factors})[0]

@@ -774,6 +774,33 @@ void copy_segment(const Problem& p, int64_t n, int64_t k0, int64_t len, float* o
   for (; k < len; ++k) out[k] = static_cast<float>(row[k]);
 }
 
+// Lane i: the sum of v[i]'s lanes, in hsum's order: eight horizontal sums for the price of about two.
+inline v8f hsum8(const v8f (&v)[8]) {
+  const v8i even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
+  const v8i low = {0, 1, 8, 9, 4, 5, 12, 13}, high = {2, 3, 10, 11, 6, 7, 14, 15};
+  const v8i first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
+  v8f pairs[4], quads[2];
+  for (int i = 0; i < 4; ++i) pairs[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], even) + __builtin_shuffle(v[2 * i], v[2 * i + 1], odd);
+  for (int i = 0; i < 2; ++i) quads[i] = __builtin_shuffle(pairs[2 * i], pairs[2 * i + 1], low) + __builtin_shuffle(pairs[2 * i], pairs[2 * i + 1], high);
+  return __builtin_shuffle(quads[0], quads[1], first) + __builtin_shuffle(quads[0], quads[1], second);
+}
+
+// Lane i: t . b[i * r .. (i + 1) * r), eight consecutive rows of a [rows, r] factor (r >= 8).
+template <typename F>
+inline v8f dot8(const float* t, const F* b, int64_t r) {
+  v8f acc[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= r; j += 8) {
+    const v8f tj = load8(t + j);
+    for (int i = 0; i < 8; ++i) acc[i] += tj * load8(b + i * r + j);
+  }
+  v8f sums = hsum8(acc);
+  for (; j < r; ++j) {
+    for (int i = 0; i < 8; ++i) sums[i] += t[j] * static_cast<float>(b[i * r + j]);
+  }
+  return sums;
+}
+
 struct LoraJob {
   const Problem* p;
   float* T;  // [M, segments * rank]
@@ -802,9 +829,16 @@ void lora_b_task(void* data, size_t task) {
   int64_t first = 0;  // lora_B row of segment s's first column
   for (int64_t s = 0; s < p.lora_segments && c < end; ++s) {
     const int64_t start = p.lora_columns[2 * s], width = p.lora_columns[2 * s + 1] - start;
-    for (; c < end && c < first + width; ++c) {
+    while (c < end && c < first + width) {
       const int64_t n = start + c - first;
-      for (int64_t m = 0; m < p.M; ++m) Y[m * p.N + n] += dot(job.T + m * R + s * r, static_cast<const F*>(p.lora_B) + c * r, r);
+      const F* rows = static_cast<const F*>(p.lora_B) + c * r;
+      if (r >= 8 && min64(end, first + width) - c >= 8) {  // eight output columns at once
+        for (int64_t m = 0; m < p.M; ++m) store8(Y + m * p.N + n, load8(Y + m * p.N + n) + dot8(job.T + m * R + s * r, rows, r));
+        c += 8;
+      } else {
+        for (int64_t m = 0; m < p.M; ++m) Y[m * p.N + n] += dot(job.T + m * R + s * r, rows, r);
+        ++c;
+      }
     }
     first += width;
   }
