@@ -200,6 +200,24 @@ def test_genai_switches_adapters_inside_the_kernel_nodes(fused_export, reference
     assert records[1]["tokens"] == until_eos(reference["base"])
 
 
+def test_genai_and_onnxruntime_agree_on_fp16_adapter_factors(story, tmp_path):
+    """--adapter-dtype fp16: og.Adapters binds the fp16 factors to the kernel nodes and decodes what onnxruntime's
+    Python API decodes with the same file (the rounding may move both away from the fp32 reference)."""
+    out = tmp_path / "fp16-factors"
+    run(sys.executable, "-m", "hqexport.cli", "convert", story / "base", "-o", out, "--adapter", f"tuned={story / 'tuned'}",
+        "--adapter-dtype", "fp16")
+    assert json.loads((out / "hqexport.json").read_text())["adapters"]["tuned"]["factor_dtype"] == "fp16"
+    args = ("--prompt", PROMPT, "--adapter", "tuned", "--max-new-tokens", str(TOKENS), "--token-ids")
+    (genai,) = json_lines(python("genai/generate_genai.py", out, *args))
+    (onnxruntime,) = json_lines(python("python_generate/generate.py", out, *args))
+    eos = json.loads((out / "genai_config.json").read_text())["model"]["eos_token_id"]
+
+    def until_eos(tokens: list[int]) -> list[int]:
+        return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+    assert until_eos(genai["tokens"]) == until_eos(onnxruntime["tokens"]) and genai["tokens"]
+
+
 def test_cpp_sample_with_adapters_inside_the_kernel_nodes(fused_export, reference, cpp_program):
     ids = ",".join(map(str, reference["prompt_ids"]))
     library = fused_export / json.loads((fused_export / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["custom_ops_library"]
