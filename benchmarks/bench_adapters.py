@@ -1,6 +1,6 @@
 """What a LoRA adapter costs a decode step: active, loaded but inactive, baked, against the base export.
 
-    python benchmarks/bench_adapters.py            # SmolLM2-135M, the three cases below (about 10 minutes)
+    python benchmarks/bench_adapters.py            # SmolLM2-135M, the three cases below (about 11 minutes)
     python benchmarks/bench_adapters.py --tiny     # a tiny hqexport.sample llama, about a minute (the smoke test)
 
 Cases (base bits, rank, target projections), as the HQQ+LoRA recipes pair them: 4-bit with rank 16 on q/k/v/o,

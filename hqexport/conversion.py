@@ -4,9 +4,9 @@ read -> adapters (merge re-quantizes before export) -> export (the decoder graph
 weights, export/graph.py) -> adapters (separate / bake add LoRA branches to the graph) -> lower (--ops:
 MatMulNBits where exact) -> adapters (instead of the branches, where every target became an HQQMatMulNBits node
 that the kernels library runs: LoRA inside those nodes, adapters/fused.py) -> lower (the MLP's gating into its
-packed gate/up node, lower/swiglu.py) -> write (model.onnx + data, adapters/*.onnx_adapter, tokenizer files, config.json,
-genai_config.json, hqexport.json) into a staging folder that becomes OUT only when complete. The weights are
-read from the source only as each one is written (every initializer is lazy, export/lazy.py).
+packed gate/up node, lower/swiglu.py) -> write (model.onnx + data, adapters/*.onnx_adapter, tokenizer files,
+config.json, genai_config.json, hqexport.json) into a staging folder that becomes OUT only when complete. The
+weights are read from the source only as each one is written (every initializer is lazy, export/lazy.py).
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ def convert(
     """Export `source` to the folder `out`; see the module docstring. User mistakes raise HQExportError.
 
     adapters: `[NAME=]PATH` arguments (PEFT adapter folders); adapter_mode: separate (default with adapters),
-    bake or merge; adapter_dtype: the factors' dtype where LoRA lives inside the layers' nodes (fp16: lossy). ops: auto (MatMulNBits where it is exact, hqexport op elsewhere), hqq (hqexport op
-    everywhere) or ort (MatMulNBits everywhere, an error for a layer it cannot express). accuracy_level: of the
+    bake or merge; adapter_dtype: the factors' dtype where LoRA lives inside the layers' nodes (fp16: lossy).
+    ops: auto (MatMulNBits where it is exact, hqexport op elsewhere), hqq (hqexport op everywhere) or ort
+    (MatMulNBits everywhere, an error for a layer it cannot express). accuracy_level: of the
     MatMulNBits nodes (ACCURACY_LEVELS); 4 trades HQQ's exact result for int8 activations. lm_head: fp32 (exact;
     stored as its int8 grid when it is one and the folder ships the kernels) or a lossy int8 / int4
     requantization of an fp head (lower/lm_head.py). with_kernels: put the compiled kernel
