@@ -333,5 +333,8 @@ def test_finetune_story_every_adapter_mode(tmp_path):
     manifest = json.loads((tmp_path / "separate" / "hqexport.json").read_text())
     targets = set(manifest["adapters"]["tuned"]["targets"])
     ops = {path: layer["op"] for path, layer in manifest["layers"].items()}
-    assert {ops[path] for path in targets} == {"hqexport.HQQMatMulNBitsLoRA"}  # the adapter inside the kernel's node
+    # the adapter inside the kernel's nodes; the packed gate/up node also gates the MLP
+    gated = {path: path.endswith(("mlp.gate_proj", "mlp.up_proj")) for path in targets}
+    assert {path: ops[path] for path in targets} == {path: "hqexport.HQQMatMulNBitsLoRA" + ("SwiGLU" if gated[path] else "") for path in targets}
+    assert any(gated.values())
     assert {op for path, op in ops.items() if path not in targets} <= {"hqexport.HQQMatMulNBits"}  # the story adapts every layer
