@@ -8,9 +8,9 @@ export/graph.py writes a SiLU-gated MLP whose gate and up projections share one 
 
 and this pass makes those five nodes one: the node's SwiGLU form, computing Y. Its function body is the same five
 nodes, so a session without hqexport's library runs what it ran before; the library gates the product in the
-kernel, saving three nodes and two passes over the product per layer (the Split alone is as slow as a decode
-step's down projection on SmolLM2). A packed node whose halves have other readers (an adapter's branch on the
-graph) is left as it is.
+kernel, saving three nodes and two passes over the product per layer (on SmolLM2 they took about 1 ms of a
+16 ms decode step in a profile). A packed node whose halves have other readers (an adapter's branch on the graph)
+is left as it is.
 """
 
 from __future__ import annotations
