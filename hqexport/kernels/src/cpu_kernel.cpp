@@ -529,18 +529,22 @@ bool fast_gemv(const Problem& p, const Runner& runner) {
     return false;
   }
   const float* A = static_cast<const float*>(p.A);
+  const bool prefix = prefix_form(p.bits, per);
+  // prefix form (per <= 8): 2^(-bits j), exact powers of two; a multiply by one is exactly ldexp's result, where
+  // a call to std::ldexp per value cost more than the whole product on SmolLM2's layers
+  float weight[9] = {1.f};
+  for (int j = 1; prefix && j <= per; ++j) weight[j] = weight[j - 1] / static_cast<float>(1 << p.bits);
   for (int64_t m = 0; m < p.M; ++m) {
     const float* a = A + m * p.K;
     float* out = ablocks + m * p.K;
-    const bool prefix = prefix_form(p.bits, per);
     for (int64_t b0 = 0; b0 < p.K; b0 += block) {
       for (int i = 0; i < 8; ++i) {
         const float* word = a + b0 + i * per;  // the A values of word i's codes
         for (int j = 0; j < per; ++j) {
           float value = word[j];
           if (prefix) {  // a'_{j+1}: powers of two scale exactly, the difference rounds once
-            const float next = j + 1 < per ? std::ldexp(word[j + 1], -p.bits * (j + 1)) : 0.f;
-            value = std::ldexp(word[j], -p.bits * j) - next;
+            const float next = j + 1 < per ? word[j + 1] * weight[j + 1] : 0.f;
+            value = word[j] * weight[j] - next;
           }
           out[b0 + j * 8 + i] = value;
         }
