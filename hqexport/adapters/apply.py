@@ -27,7 +27,6 @@ from hqexport.files import ADAPTERS_DIR, adapter_file
 from hqexport.model import QuantizedLinear
 
 _DTYPES = {"fp32": (np.dtype(np.float32), torch.float32), "fp16": (np.dtype(np.float16), torch.float16)}
-_DTYPE_NAMES = {np_dtype: name for name, (np_dtype, _) in _DTYPES.items()}
 
 
 @dataclass
@@ -109,7 +108,10 @@ def apply_adapters(
     if fused:
         if dora_modules:
             raise HQExportError("DoRA adapters need LoRA branches; they do not fuse into the layers' nodes")
-        return _apply_fused(model, layers, adapters, mode, modules, _DTYPES[factor_dtype][0], fill_untouched)
+        export = _apply_fused(model, layers, adapters, mode, modules, _DTYPES[factor_dtype][0], fill_untouched)
+        for entry in export.manifest.values():
+            entry["factor_dtype"] = factor_dtype
+        return export
     branches: dict[str, Branch] = {}
     for module in modules:
         n, k = layers[module].shape
@@ -178,7 +180,4 @@ def _apply_fused(
             params.update(values if values is not None else rank0_parameters(group, dtype) if fill_untouched else {})
         return params
 
-    export = _export(model, adapters, mode, parameters)
-    for entry in export.manifest.values():
-        entry["factor_dtype"] = _DTYPE_NAMES[np.dtype(dtype)]
-    return export
+    return _export(model, adapters, mode, parameters)
