@@ -104,7 +104,7 @@ def test_bench_adapters_rows_and_adapter_semantics(tmp_path):
         assert results["inactive"]["tokens"] == results["base"]["tokens"]
         assert results["base"]["tokens"] != results["baked"]["tokens"], case
         assert rows[(case, "base")]["decode vs base"] == 1 and rows[(case, "active")]["decode ms"] > 0
-        assert len(results["active fp16"]["tokens"]) == len(results["baked"]["tokens"])  # fp16 factors may flip a token
+        assert results["active fp16"]["tokens"] != results["base"]["tokens"], case  # fp16 factors: the adapter still acts
         assert results["switch"]["load_ms"] > 0 and results["switch"]["activate_ms"] > 0
 
 
