@@ -126,8 +126,9 @@ def inspect(path: Path, as_json: bool) -> None:
     type=click.Choice(options.LM_HEADS),
     default="fp32",
     show_default=True,
-    help="fp32: the fp lm_head keeps its exact values: a fp32 MatMul, or, when the table is exactly int8 codes "
-    "x one scale per 32 inputs (GGUF Q8_0 sources) and the folder ships the kernels, that int8 grid. int8 / int4: "
+    help="fp32: the fp lm_head keeps its exact values: a fp32 MatMul, or, when the folder ships the kernels, the "
+    "same values in fewer bytes where a smaller form holds them all: int8 codes x one scale per 32 inputs (GGUF Q8_0 "
+    "sources), else float16 or bfloat16 (checkpoints stored in those dtypes). int8 / int4: "
     "requantize it with hqq (group 64, its default) to pick 32 candidate tokens per position whose logits are then recomputed "
     "from the fp rows (lossy; faster decode: the head is most of what a small model's decode step reads; the fp "
     "table stays in the file). validate measures the loss.",

@@ -33,8 +33,11 @@ from hqexport.files import DATA_FILE, GENAI_CONFIG_FILE, MODEL_FILE
 from hqexport.formats import canonical_shape, storage_bits, word_dtype
 from hqexport.lower import (
     EXACT_INT8_HEAD,
+    HALF_HEAD_FORMATS,
     HEAD_PATH,
     LOWERINGS,
+    HeadChoice,
+    exact_half_head,
     exact_int8_head,
     fuse_swiglu,
     head_choice,
@@ -44,6 +47,7 @@ from hqexport.lower import (
     share_embedding,
 )
 from hqexport.model import QuantizedLinear, QuantizedModel
+from hqexport.ops.half import OP_TYPE as HALF_OP_TYPE
 from hqexport.ops.nbits import LORA_OP_TYPE
 from hqexport.ops.schema import DOMAIN, HQQ_OP
 from hqexport.options import ACCURACY_LEVELS, ADAPTER_DTYPES, ADAPTER_MODES, OPS
@@ -68,7 +72,7 @@ class ConvertSummary:
     opset: int
     ops: dict[str, int]  # op -> number of quantized layers computed by it
     kernels: str | None  # the compiled kernel library shipped in the folder (file name), if any
-    lm_head: str  # how the head is stored: fp32, int8 / int4 (lossy), hqq (an HQQ layer of the source)
+    lm_head: str  # how the head is stored: fp32, int8-exact / fp16-exact / bf16-exact, int8 / int4 (lossy), hqq (an HQQ layer of the source)
     adapters: dict[str, dict[str, Any]]  # the manifest's adapters section
     onnx_bytes: int  # model.onnx + model.onnx.data
     packed_bytes: int  # packed codes + scale + zero + bias of the quantized layers, as exported
@@ -102,7 +106,7 @@ def convert(
     ops: auto (MatMulNBits where it is exact, hqexport op elsewhere), hqq (hqexport op everywhere) or ort
     (MatMulNBits everywhere, an error for a layer it cannot express). accuracy_level: of the
     MatMulNBits nodes (ACCURACY_LEVELS); 4 trades HQQ's exact result for int8 activations. lm_head: fp32 (exact;
-    stored as its int8 grid when it is one and the folder ships the kernels) or a lossy int8 / int4
+    stored as its int8 grid, or in float16 / bfloat16, when that holds its values and the folder ships the kernels) or a lossy int8 / int4
     requantization of an fp head (lower/lm_head.py). with_kernels: put the compiled kernel
     library (built if needed) into the folder and name it in genai_config.json, so that onnxruntime-genai runs the
     hqexport ops on it; None (the default) does so when the graph has hqexport ops and the library can be built
@@ -154,15 +158,19 @@ def convert(
         library, kernels_error = _find_kernels(steps, with_kernels, ops)
         # the compiled kernel will run the layers (HQQMatMulNBits: ops/nbits.py; exactly at accuracy level 0)
         fp32_kernel = ops == "auto" and dtype == "fp32" and library is not None
-        head = None
+        head, half_head = None, None
+        tied = config.tie_word_embeddings
         if choice.lossy:
             with steps(f"Quantizing the lm_head with hqq (--lm-head {lm_head}, lossy)"):
-                head = quantize_head(qmodel, config.tie_word_embeddings, choice)
+                head = quantize_head(qmodel, tied, choice)
         elif choice.format == "fp32" and fp32_kernel:
-            with steps("Checking whether the fp lm_head is an exact int8 grid"):
-                head = exact_int8_head(qmodel, config.tie_word_embeddings)
+            with steps("Checking whether the fp lm_head is an exact int8 grid, or float16 / bfloat16 values"):
+                head = exact_int8_head(qmodel, tied)
+                half_head = exact_half_head(qmodel, tied) if head is None else None
             if head is not None:
                 choice = EXACT_INT8_HEAD
+            elif half_head is not None:
+                choice = HeadChoice(HALF_HEAD_FORMATS[half_head], lossy=False, op=f"{DOMAIN}.{HALF_OP_TYPE}", shared_with_embedding=tied or None)
         targets = {module for spec in specs for module in spec.modules} if mode != "merge" else set()
         # LoRA inside the kernel's nodes (adapters/fused.py) where they all run on it; else a branch per target
         fused_lora = bool(targets) and fp32_kernel and _lora_fuses(qmodel, specs, targets)
@@ -173,7 +181,7 @@ def convert(
             )
         with steps(f"Building the decoder graph (opset {opset})"):
             graph = build_decoder(qmodel, config, io, opset=opset, own_outputs=set() if fused_lora else targets, head=head,
-                                  shortlist=choice.shortlist)
+                                  shortlist=choice.shortlist, half_head=half_head)
         layers = dict(graph.layers)  # each layer's node and op, updated below by lowering and adapters
         adapter_export = None
         if targets and not fused_lora:
@@ -200,7 +208,7 @@ def convert(
             shared = config.tie_word_embeddings and head_node.op != HQQ_OP and not choice.shortlist
             if shared:
                 share_embedding(graph.model, head_node.initializers, bits=storage_bits(head.fmt), block_size=head.fmt.group_size)
-            choice = dataclasses.replace(choice, op=head_node.op, shared_with_embedding=shared if config.tie_word_embeddings else None)
+            choice = dataclasses.replace(choice, op=head_node.op, shared_with_embedding=shared if tied else None)
         with steps("Writing model.onnx, model.onnx.data and checking them"):
             write_onnx(graph.model, staging)
             if adapter_export is not None:

@@ -36,6 +36,7 @@ from hqexport.export.lazy import lazy_tensor
 from hqexport.formats.dequant import numpy_dtype, tensor_to_numpy
 from hqexport.manifest import Lowering
 from hqexport.model import QuantizedLinear, QuantizedModel
+from hqexport.ops.half import OP_TYPE as HALF_OP_TYPE
 from hqexport.ops.inputs import packed_inputs
 from hqexport.ops.schema import DOMAIN, HQQ_OP, MS_DOMAIN, OP_TYPE, SINCE_VERSION
 
@@ -78,23 +79,28 @@ def build_decoder(
     own_outputs: Collection[str] = (),
     head: QuantizedLinear | None = None,
     shortlist: int | None = None,
+    half_head: torch.dtype | None = None,
 ) -> DecoderGraph:
     """The decoder graph of `qmodel`; the layers in `own_outputs` (adapter targets) get an output value of their
     own (`LayerNode.output`: their part of a packed node's output, split off).
 
     head: an HQQ layer computing lm_head in place of the fp head (convert --lm-head, lower/lm_head.py).
     shortlist: with `head`, recompute that many of its largest logits per position from the fp head's rows.
+    half_head: torch.float16 or torch.bfloat16, a dtype that holds every value of the fp head (lower/lm_head.py's
+    exact_half_head): the head is stored in it and computed by hqexport.HalfMatMul (ops/half.py), and a tied
+    embedding reads the same table.
     """
-    builder = _Builder(qmodel, config, io, opset, set(own_outputs), head, shortlist)
+    builder = _Builder(qmodel, config, io, opset, set(own_outputs), head, shortlist, half_head)
     return DecoderGraph(builder.build(), builder.layers)
 
 
 class _Builder:
     def __init__(
         self, qmodel: QuantizedModel, config: transformers.PretrainedConfig, io: DecoderIO, opset: int, own_outputs: set[str],
-        head: QuantizedLinear | None, shortlist: int | None,
+        head: QuantizedLinear | None, shortlist: int | None, half_head: torch.dtype | None = None,
     ) -> None:
         self.qmodel, self.config, self.io, self.own_outputs = qmodel, config, io, own_outputs
+        self.half_head = numpy_dtype(half_head) if half_head is not None else None
         self.shortlist = shortlist if head is not None else None
         self.quantized = {**qmodel.linears, **({head.name: head} if head is not None else {})}
         self.arch = architecture(config)
@@ -197,8 +203,13 @@ class _Builder:
         return self.constant("cos_cache", cos.astype(self.act)), self.constant("sin_cache", sin.astype(self.act))
 
     def embeddings(self, input_ids: ir.Value) -> ir.Value:
-        table = self.fp_tensor("model.embed_tokens.weight")
-        hidden = self.op("Gather", [table, input_ids], name="/model/embed_tokens/Gather")
+        if self.half_head is not None and self.config.tie_word_embeddings:  # the head's table, its rows widened
+            table = self.half_table("model.embed_tokens.weight")
+            rows = self.op("Gather", [table, input_ids], name="/model/embed_tokens/Gather", dtype=table.dtype)
+            hidden = self.op("Cast", [rows], name="/model/embed_tokens/Cast", to=ir.DataType.from_numpy(self.act))
+        else:
+            table = self.fp_tensor("model.embed_tokens.weight")
+            hidden = self.op("Gather", [table, input_ids], name="/model/embed_tokens/Gather")
         if self.arch.scale_embeddings:  # Gemma: in the activation dtype, as transformers rounds it
             scale = self.constant("/model/embed_tokens/scale", np.array(embedding_scale(self.config), self.act))
             hidden = self.op("Mul", [hidden, scale], name="/model/embed_tokens/Mul")
@@ -280,7 +291,17 @@ class _Builder:
     def split(self, x: ir.Value, sizes: list[int], name: str) -> list[ir.Value]:
         return list(self.op("Split", [x, self.constant(f"{name}/sizes", np.array(sizes, np.int64))], axis=-1, outputs=len(sizes), name=name))
 
+    def half_table(self, key: str) -> ir.Value:
+        """The fp tensor `key` stored in the half head's dtype, which holds its values exactly."""
+        tensor = self.qmodel.tensors[key]
+        return self.weight(key, self.half_head, tuple(tensor.shape), lambda: tensor_to_numpy(tensor).astype(self.half_head))
+
     def lm_head(self, x: ir.Value) -> ir.Value:
+        if self.half_head is not None:
+            tied = self.config.tie_word_embeddings
+            table = self.graph.initializers["model.embed_tokens.weight"] if tied else self.half_table("lm_head.weight")
+            vocab, hidden = table.shape
+            return self.op(HALF_OP_TYPE, [x, table], domain=DOMAIN, name="/lm_head/HalfMatMul", N=vocab, K=hidden)
         if self.shortlist:
             return self.rescored(self.linear("lm_head", x), x, self.fp_head_rows())
         if not self.config.tie_word_embeddings or "lm_head" in self.quantized:

@@ -21,6 +21,11 @@ hqexport.HQQMatMulNBits node that the library runs from the codes. Without the l
 onnxruntime's MatMulNBits, whose fp32 path dequantizes 8-bit tables on every call: slow but in bounded memory,
 which is why a folder without the library (--no-kernels) keeps the fp32 head.
 
+An fp head whose every value is a float16 number (or else a bfloat16 one), as in a checkpoint trained or stored
+in that dtype, is stored in that dtype under the default `fp32` when the folder ships the kernels
+(`exact_half_head`): the same values in half the bytes, computed by one hqexport.HalfMatMul node (ops/half.py)
+that widens them as it reads them; a tied embedding gathers its rows from the same table.
+
 hqq rather than round-to-nearest: on SmolLM2 an RTN int4 head (onnxruntime's quantizer, block 32) agreed with
 the exact model's top-1 token at 70% of validate's positions, hqq's (group 32) at 64%, both without the shortlist. Without
 the kernels library an 8-bit MatMulNBits is fast on CPU only at accuracy_level 4 (its fp32 path dequantizes the
@@ -55,7 +60,7 @@ EMBEDDING_NODE = "/model/embed_tokens/Gather"
 class HeadChoice:
     """How the head is stored (the manifest's model.lm_head)."""
 
-    format: str  # "fp32", "int8-exact" (exact_int8_head), "int8", "int4" or "hqq" (quantized in the source)
+    format: str  # "fp32", "int8-exact" (exact_int8_head), "fp16-exact" / "bf16-exact" (exact_half_head), "int8", "int4" or "hqq" (quantized in the source)
     lossy: bool
     group_size: int | None = None
     op: str | None = None  # the op computing a quantized head (--lm-head int8/int4, or the exact int8 grid)
@@ -67,6 +72,8 @@ class HeadChoice:
 
 
 EXACT_INT8_HEAD = HeadChoice("int8-exact", lossy=False, group_size=GRID_BLOCK)  # exact_int8_head's storage
+#: exact_half_head's dtypes, in the order tried (float16 keeps 3 more significand bits), and their formats
+HALF_HEAD_FORMATS = {torch.float16: "fp16-exact", torch.bfloat16: "bf16-exact"}
 
 
 def head_choice(qmodel: QuantizedModel, mode: str) -> HeadChoice:
@@ -117,6 +124,19 @@ def exact_int8_head(qmodel: QuantizedModel, tied: bool) -> QuantizedLinear | Non
     meta = {"nbits": 8, "group_size": GRID_BLOCK, "axis": 1, "packing": "8bit_u8", "shape": list(weight.shape),
             "scale": scale, "zero": torch.full_like(scale, GRID_ZERO), "compute_dtype": torch.float32}
     return layer_from_meta(HEAD_PATH, torch.cat(codes), meta, None)
+
+
+def exact_half_head(qmodel: QuantizedModel, tied: bool) -> torch.dtype | None:
+    """The first of HALF_HEAD_FORMATS' dtypes that holds every value of the fp head (the embedding when tied), or None.
+
+    Checked by converting there and back, values compared (an fp32 value past float16's range becomes inf and
+    fails; a NaN anywhere fails both).
+    """
+    weight = qmodel.tensors["model.embed_tokens.weight" if tied else f"{HEAD_PATH}.weight"]
+    for dtype in HALF_HEAD_FORMATS:
+        if weight.dtype == dtype or all(torch.equal(rows.to(dtype).to(rows.dtype), rows) for rows in weight.split(GRID_CHECK_ROWS)):
+            return dtype
+    return None
 
 
 def share_embedding(model: ir.Model, head: dict[str, str], *, bits: int, block_size: int) -> None:

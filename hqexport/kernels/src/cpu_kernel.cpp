@@ -235,7 +235,27 @@ inline v8f load8(const _Float16* p) {
 #endif
 }
 
-// The dot product of fp32 a with b (fp32, or fp16 LoRA factors), in a fixed order.
+// A bfloat16 as stored: the upper half of a float's bits, so widening it is a shift (exact).
+struct BFloat16 {
+  uint16_t bits;
+  explicit operator float() const { return bits_to_float(static_cast<uint32_t>(bits) << 16); }
+};
+
+// 8 bfloat16 values widened to fp32 (exact).
+inline v8f load8(const BFloat16* p) {
+#ifdef __AVX2__
+  const __m256i wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  v8f v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+#else
+  v8f v;
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
+}
+
+// The dot product of fp32 a with b (fp32, or fp16 / bf16 matrices), in a fixed order.
 template <typename B>
 inline float dot(const float* a, const B* b, int64_t len) {
   v8f s0 = {}, s1 = {}, s2 = {}, s3 = {};
@@ -769,7 +789,7 @@ constexpr int64_t kLoraRowsB = 64;  // rows of lora_B per task (M < 4)
 // pool cost more than the work (rank 16 on q/k/v is about 43 thousand).
 constexpr int64_t kLoraSerialWork = int64_t{1} << 17;
 
-// W[n, k0 .. k0+len] of an fp32 or fp16 matrix [N, K] held in p.W, as floats.
+// W[n, k0 .. k0+len] of an fp32, fp16 or bf16 matrix [N, K] held in p.W, as floats.
 template <typename F>
 void copy_segment(const Problem& p, int64_t n, int64_t k0, int64_t len, float* out) {
   const F* row = static_cast<const F*>(p.W) + n * p.K + k0;
@@ -904,6 +924,34 @@ bool lora_add_as(const Problem& p, const Runner& runner) {
   return ok;
 }
 
+// ---- HalfMatMul: Y = A @ float(W)^T for a plain float16 or bfloat16 matrix W [N, K] (an exact fp head) ----
+//
+// Widening either dtype to float is exact, so this is the fp32 MatMul of the widened matrix up to summation order,
+// reading half its bytes. Below 4 rows of A: one row of W at a time, so that each thread streams its rows in
+// order (eight rows per pass, as the LoRA product does, read SmolLM2's head at 15-20 GB/s against 19-26 here); from
+// 4 rows on: the panel GEMM, its "dequantization" the widening copy.
+
+constexpr int64_t kHalfRows = 64;  // rows of W per task (M < 4)
+
+template <typename F>
+void half_gemv_task(void* data, size_t task) {
+  const Job& job = *static_cast<const Job*>(data);
+  const Problem& p = *job.p;
+  const F* W = static_cast<const F*>(p.W);
+  const int64_t end = min64(p.N, static_cast<int64_t>(task + 1) * kHalfRows);
+  for (int64_t n = static_cast<int64_t>(task) * kHalfRows; n < end; ++n) {
+    for (int64_t m = 0; m < p.M; ++m) job.Y[m * p.N + n] = dot(job.A + m * p.K, W + n * p.K, p.K);
+  }
+}
+
+template <typename F>
+bool half_matmul_as(const Problem& p, const Runner& runner) {
+  Job job{&p, &copy_segment<F>, static_cast<const float*>(p.A), static_cast<float*>(p.Y)};
+  if (p.M >= 4) return gemm(p, job.segment, job.A, job.Y, runner);
+  runner.parallel_for(runner.ctx, &half_gemv_task<F>, static_cast<size_t>((p.N + kHalfRows - 1) / kHalfRows), &job);
+  return true;
+}
+
 // ---- SwiGLU epilogue (HQQMatMulNBits[LoRA]SwiGLU): Y = silu(gate) * up of the packed gate/up product ----
 
 // e^x per lane to about 1 ulp, for |x| <= 88 (the caller clamps): x = n ln2 + r with |r| <= ln2 / 2, e^r by
@@ -1004,6 +1052,10 @@ bool matmul(const Problem& p, const Runner& runner) {
 
 bool lora_add(const Problem& p, const Runner& runner) {
   return p.lora_dtype == DType::F16 ? lora_add_as<_Float16>(p, runner) : lora_add_as<float>(p, runner);
+}
+
+bool half_matmul(const Problem& p, const Runner& runner) {
+  return p.half_dtype == DType::BF16 ? half_matmul_as<BFloat16>(p, runner) : half_matmul_as<_Float16>(p, runner);
 }
 
 void swiglu(const float* full, int64_t M, int64_t half, float* out, const Runner& runner) {

@@ -2,7 +2,7 @@
 //
 // RegisterCustomOps adds domain "hqexport" with op HQQMatMul for CPUExecutionProvider (and CUDAExecutionProvider
 // when built with HQEXPORT_WITH_CUDA), and HQQMatMulNBits, HQQMatMulNBitsLoRA and their SwiGLU forms (fp32,
-// ops/nbits.py) for CPUExecutionProvider. HQQMatMul
+// ops/nbits.py) and HalfMatMul (ops/half.py) for CPUExecutionProvider. HQQMatMul
 // gets two overloads per EP, A fp32 and A fp16, so onnxruntime can infer the output type; the other inputs are left
 // untyped and checked here. Every problem with a node (attributes, dtypes, shapes) comes back as an error status,
 // never an exception across the C boundary.
@@ -156,6 +156,7 @@ std::string describe_hqq(Ort::KernelContext& ctx, const Attrs& a, bool /*checked
 constexpr auto kU8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr auto kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+constexpr auto kBF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
 
 int64_t zero_point_row_bytes(const Attrs& a) { return (a.K / a.group_size * a.bits + 7) / 8; }
 
@@ -252,6 +253,27 @@ std::string describe_nbits_lora(Ort::KernelContext& ctx, const Attrs& a, bool ch
   return "";
 }
 
+// HalfMatMul (ops/half.py): A [..., K] float and W [N, K] float16 or bfloat16.
+std::string describe_half(Ort::KernelContext& ctx, const Attrs& a, bool /*checked*/, Problem& p, std::vector<int64_t>& y_shape) {
+  const size_t count = ctx.GetInputCount();
+  if (count != 2) return "expects 2 inputs, got " + std::to_string(count);
+  if (ctx.GetInput(0) == nullptr || ctx.GetInput(1) == nullptr) return "A and W are required";
+  const std::string activations = describe_activations(ctx.GetInput(0), a, p, y_shape);
+  if (!activations.empty()) return activations;
+  if (p.act != DType::F32) return "A must be float";
+  const auto type = ctx.GetInput(1).GetTensorTypeAndShapeInfo().GetElementType();
+  if (type != kF16 && type != kBF16) return "W must be float16 or bfloat16";
+  const std::string shape = check_input(ctx.GetInput(1), "W", type, type == kF16 ? "float16" : "bfloat16", {a.N, a.K});
+  if (!shape.empty()) return shape;
+  p.N = a.N;
+  p.K = a.K;
+  p.W = ctx.GetInput(1).GetTensorRawData();
+  p.half_dtype = static_cast<DType>(type);
+  return "";
+}
+
+std::string check_half_attrs(const Attrs& a) { return a.N > 0 && a.K > 0 ? "" : "N and K must be positive"; }
+
 std::string check_nbits_attrs(const Attrs& a) {
   if (a.N <= 0 || a.K <= 0) return "N and K must be positive";
   if (a.bits != 2 && a.bits != 4 && a.bits != 8) return "bits must be 2, 4 or 8, got " + std::to_string(a.bits);
@@ -297,6 +319,7 @@ struct OpSpec {
   size_t optional_from;  // inputs from this index on are optional
   bool lora;             // reads the int list attribute lora_columns
   bool swiglu;           // Y = silu(first half of the product's columns) * second half: [..., N / 2]
+  bool half = false;     // HalfMatMul: W is a plain float16/bfloat16 matrix, no codes
 };
 
 const OpSpec kHqqSpec{"HQQMatMul",
@@ -313,6 +336,8 @@ const OpSpec kNbitsLoraSpec{"HQQMatMulNBitsLoRA", kNbitsAttributes, kNbitsOption
 const OpSpec kNbitsSwigluSpec{"HQQMatMulNBitsSwiGLU", kNbitsAttributes, kNbitsOptional, &check_nbits_swiglu_attrs, &describe_nbits, 6, 6, false, true};
 const OpSpec kNbitsLoraSwigluSpec{"HQQMatMulNBitsLoRASwiGLU", kNbitsAttributes, kNbitsOptional, &check_nbits_lora_swiglu_attrs,
                                   &describe_nbits_lora, 8, 8, true, true};
+
+const OpSpec kHalfSpec{"HalfMatMul", {{"N", &Attrs::N}, {"K", &Attrs::K}}, {}, &check_half_attrs, &describe_half, 2, 2, false, false, true};
 
 bool cpu_has_avx2() {
 #if defined(__x86_64__)
@@ -399,6 +424,7 @@ struct CpuKernel {
     }
     const Runner runner{ctx.GetOrtKernelContext(), &ort_parallel_for};
     const bool avx2 = cpu_has_avx2();
+    if (spec->half) return (avx2 ? avx2::half_matmul(p, runner) : baseline::half_matmul(p, runner)) ? "" : "out of memory";
     float* out = static_cast<float*>(p.Y);
     std::unique_ptr<float[]> product;  // SwiGLU: the full [M, N] product, gated into Y at the end
     if (spec->swiglu) {
@@ -466,7 +492,7 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
       if (!message.empty()) return error(spec_->op_type, node, message);
       auto kernel = std::make_unique<Kernel>(Kernel{spec_, a, node});
       if constexpr (std::is_same_v<Kernel, CpuKernel>) {
-        if (spec_ != &kHqqSpec) kernel->zeros = constant_zeros(kinfo, a);
+        if (spec_ != &kHqqSpec && !spec_->half) kernel->zeros = constant_zeros(kinfo, a);
       }
       *out = kernel.release();
       return nullptr;
@@ -501,12 +527,14 @@ void add_hqq_ops(Ort::CustomOpDomain& domain) {
   domain.Add(&f16);
 }
 
-void add_nbits_ops(Ort::CustomOpDomain& domain) {
+// The ops with fp32 activations only, on the CPU: the HQQMatMulNBits family and HalfMatMul.
+void add_fp32_ops(Ort::CustomOpDomain& domain) {
   static Op<CpuKernel> nbits(kNbitsSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   static Op<CpuKernel> nbits_lora(kNbitsLoraSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   static Op<CpuKernel> nbits_swiglu(kNbitsSwigluSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   static Op<CpuKernel> nbits_lora_swiglu(kNbitsLoraSwigluSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-  for (auto* op : {&nbits, &nbits_lora, &nbits_swiglu, &nbits_lora_swiglu}) domain.Add(op);
+  static Op<CpuKernel> half(kHalfSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  for (auto* op : {&nbits, &nbits_lora, &nbits_swiglu, &nbits_lora_swiglu, &half}) domain.Add(op);
 }
 
 // Domains must outlive every session that uses them: kept until the library is unloaded.
@@ -526,7 +554,7 @@ HQX_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   try {
     Ort::CustomOpDomain domain{hqx::kDomain};
     hqx::add_hqq_ops<hqx::CpuKernel>(domain);
-    hqx::add_nbits_ops(domain);
+    hqx::add_fp32_ops(domain);
 #ifdef HQEXPORT_WITH_CUDA
     hqx::add_hqq_ops<hqx::CudaKernel>(domain);
 #endif

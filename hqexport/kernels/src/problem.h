@@ -49,6 +49,8 @@ struct Problem {
   DType lora_dtype = DType::F32;
   const int64_t* lora_columns = nullptr;  // [2 * lora_segments]
   int64_t lora_segments = 0, lora_rank = 0;
+  // hqexport::HalfMatMul (ops/half.py): W is a plain [N, K] matrix of this dtype (F16 or BF16), no codes.
+  DType half_dtype = DType::F16;
 };
 
 // W's words (formats/canonical.py's LAYOUTS, which tests/test_layout_record.py checks these against): bits 3 packs
@@ -105,6 +107,7 @@ inline void serial_for(void*, void (*fn)(void*, size_t), size_t total, void* dat
   namespace ns {                                                         \
   bool matmul(const Problem& p, const Runner& runner);                   \
   bool lora_add(const Problem& p, const Runner& runner);                 \
+  bool half_matmul(const Problem& p, const Runner& runner);              \
   void swiglu(const float* full, int64_t M, int64_t half, float* out,     \
               const Runner& runner);                                     \
   void dequantize(const Problem& p, float* out);                         \
