@@ -27,6 +27,7 @@ namespace {
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint8_t v8b __attribute__((vector_size(8)));
 
 constexpr int64_t kGemvChunk = 1280;  // K-chunk of the M < 4 path; a multiple of 40 (8 and 10 codes per word)
@@ -90,6 +91,45 @@ inline float dequant(float code, float zero, float scale) {
     w = round_bf16(round_bf16(code - zero) * scale);
   }
   if constexpr (TO_F16 && META != DType::F16) w = round_f16(w);
+  return w;
+}
+
+// round_f16 and round_bf16 on 8 lanes, the same roundings (vcvtps2ph rounds to nearest even, as the cast does).
+inline v8f round8_f16(v8f x) {
+#ifdef __AVX2__
+  __m256 v;
+  std::memcpy(&v, &x, sizeof(v));
+  v = _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  std::memcpy(&x, &v, sizeof(x));
+  return x;
+#else
+  for (int i = 0; i < 8; ++i) x[i] = round_f16(x[i]);
+  return x;
+#endif
+}
+
+inline v8f round8_bf16(v8f x) {
+  v8u u;
+  std::memcpy(&u, &x, sizeof(u));
+  const v8u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  const v8u quiet = (u | 0x00400000u) & 0xffff0000u;
+  const v8u out = (u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded;
+  std::memcpy(&x, &out, sizeof(x));
+  return x;
+}
+
+// dequant on 8 codes of one group.
+template <DType META, bool TO_F16>
+inline v8f dequant8(v8f code, float zero, float scale) {
+  v8f w;
+  if constexpr (META == DType::F32) {
+    w = (code - zero) * scale;
+  } else if constexpr (META == DType::F16) {
+    w = round8_f16(round8_f16(code - zero) * scale);
+  } else {
+    w = round8_bf16(round8_bf16(code - zero) * scale);
+  }
+  if constexpr (TO_F16 && META != DType::F16) w = round8_f16(w);
   return w;
 }
 
@@ -173,7 +213,9 @@ void dequant_segment(const Problem& p, int64_t n, int64_t k0, int64_t len, float
       const float z = load_meta<META>(p.zero, g);
       const float s = load_meta<META>(p.scale, g);
       float* o = out + i;
-      for (int64_t j = 0; j < run; ++j) o[j] = dequant<META, TO_F16>(o[j], z, s);
+      int64_t j = 0;
+      for (; j + 8 <= run; j += 8) store8(o + j, dequant8<META, TO_F16>(load8(o + j), z, s));
+      for (; j < run; ++j) o[j] = dequant<META, TO_F16>(o[j], z, s);
       i += run;
       ++g;
       run = min64(len - i, p.group_size);
@@ -496,35 +538,105 @@ inline void fast_rows(const FastJob& job, int64_t n0) {
   }
 }
 
-template <int BITS>
+// fp16 / bf16 compute dtypes (META): the factorized sum would skip hqq's two roundings of each weight, so the same
+// blocks are dequantized instead, in registers, and multiplied with A permuted alike; no buffer, no pass over
+// memory of their own. Codes of at most 4 bits take a group's few possible weights from a table: dequant8 (the
+// reference's roundings on 8 lanes) of the codes 0..15 once per group, then one shuffle per 8 codes, where
+// rounding every weight costs four conversions (the slowest part of this path).
+template <typename Word, int BITS, int PER, DType META, int R>
+inline void exact_rows(const FastJob& job, int64_t n0) {
+  const Problem& p = *job.p;
+  constexpr int kBlock = 8 * PER;
+  const int64_t groups_per_row = p.K / p.group_size;
+  const int64_t blocks_per_group = p.group_size / kBlock;
+  const Word* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = static_cast<const Word*>(p.W) + (n0 + r) * p.row_words;
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* ab = job.Ablocks + m * p.K;
+    v8f acc[R][2] = {};
+    int64_t block = 0;
+    for (int64_t gi = 0; gi < groups_per_row; ++gi) {
+      float zero[R], scale[R];
+      v8f low[R], high[R];  // BITS <= 4: the weights of codes 0..7 and 8..15
+      for (int r = 0; r < R; ++r) {
+        zero[r] = load_meta<META>(p.zero, (n0 + r) * groups_per_row + gi);
+        scale[r] = load_meta<META>(p.scale, (n0 + r) * groups_per_row + gi);
+        if constexpr (BITS <= 4) {
+          low[r] = dequant8<META, false>(v8f{0, 1, 2, 3, 4, 5, 6, 7}, zero[r], scale[r]);
+          high[r] = dequant8<META, false>(v8f{8, 9, 10, 11, 12, 13, 14, 15}, zero[r], scale[r]);
+        }
+      }
+      for (int64_t b = 0; b < blocks_per_group; ++b, ++block) {
+        v8i words[R];
+        for (int r = 0; r < R; ++r) words[r] = load_words(rows[r] + block * 8);
+        const float* a = ab + block * kBlock;
+        for (int j = 0; j < PER; ++j) {
+          const v8f av = load8(a + j * 8);
+          for (int r = 0; r < R; ++r) {
+            const v8i code = (words[r] >> (BITS * j)) & ((1 << BITS) - 1);
+            v8f weight;
+            if constexpr (BITS == 4) {
+              weight = __builtin_shuffle(low[r], high[r], code);
+            } else if constexpr (BITS < 4) {
+              weight = __builtin_shuffle(low[r], code);
+            } else {
+              weight = dequant8<META, false>(__builtin_convertvector(code, v8f), zero[r], scale[r]);
+            }
+            acc[r][j & 1] += weight * av;
+          }
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) job.Y[m * p.N + n0 + r] = hsum(acc[r][0] + acc[r][1]);
+  }
+}
+
+template <int BITS, DType META>
 void fast_task(void* data, size_t task) {
   constexpr int kPer = codes_per_word(BITS);
   const FastJob& job = *static_cast<const FastJob*>(data);
   const int64_t end = min64(job.p->N, static_cast<int64_t>(task + 1) * kGemvRows);
   int64_t n = static_cast<int64_t>(task) * kGemvRows;
-  for (; n + kFastRows <= end; n += kFastRows) fast_rows<WordOf<BITS>, BITS, kPer, kFastRows>(job, n);
-  for (; n < end; ++n) fast_rows<WordOf<BITS>, BITS, kPer, 1>(job, n);
+  if constexpr (META == DType::F32) {
+    for (; n + kFastRows <= end; n += kFastRows) fast_rows<WordOf<BITS>, BITS, kPer, kFastRows>(job, n);
+    for (; n < end; ++n) fast_rows<WordOf<BITS>, BITS, kPer, 1>(job, n);
+  } else {
+    for (; n + kFastRows <= end; n += kFastRows) exact_rows<WordOf<BITS>, BITS, kPer, META, kFastRows>(job, n);
+    for (; n < end; ++n) exact_rows<WordOf<BITS>, BITS, kPer, META, 1>(job, n);
+  }
 }
 
-// The factorized path applies: see above. fp16/bf16 compute dtypes and fp16 activations keep exact dequantization.
+// The block paths apply: the factorized one for the fp32 compute dtype, dequantization in registers for fp16 /
+// bf16 (exact_rows). fp16 activations keep the dequantize-then-dot path.
 bool fast_applies(const Problem& p) {
   const int64_t block = 8 * codes_per_word(p.bits);
-  return p.M < 4 && p.axis == 1 && p.meta == DType::F32 && p.act == DType::F32 && p.K % p.group_size == 0 &&
-         p.group_size % block == 0;
+  return p.M < 4 && p.axis == 1 && p.act == DType::F32 && p.K % p.group_size == 0 && p.group_size % block == 0;
 }
 
-void (*pick_fast(int bits))(void*, size_t) {
+template <DType META>
+void (*pick_fast_meta(int bits))(void*, size_t) {
   switch (bits) {
     case 1:
-      return &fast_task<1>;
+      return &fast_task<1, META>;
     case 2:
-      return &fast_task<2>;
+      return &fast_task<2, META>;
     case 3:
-      return &fast_task<3>;
+      return &fast_task<3, META>;
     case 4:
-      return &fast_task<4>;
+      return &fast_task<4, META>;
     default:
-      return &fast_task<8>;
+      return &fast_task<8, META>;
+  }
+}
+
+void (*pick_fast(const Problem& p))(void*, size_t) {
+  switch (p.meta) {
+    case DType::F16:
+      return pick_fast_meta<DType::F16>(p.bits);
+    case DType::BF16:
+      return pick_fast_meta<DType::BF16>(p.bits);
+    default:
+      return pick_fast_meta<DType::F32>(p.bits);
   }
 }
 
@@ -549,7 +661,7 @@ bool fast_gemv(const Problem& p, const Runner& runner) {
     return false;
   }
   const float* A = static_cast<const float*>(p.A);
-  const bool prefix = prefix_form(p.bits, per);
+  const bool prefix = p.meta == DType::F32 && prefix_form(p.bits, per);  // exact_rows reads A as it is
   // prefix form (per <= 8): 2^(-bits j), exact powers of two; a multiply by one is exactly ldexp's result, where
   // a call to std::ldexp per value cost more than the whole product on SmolLM2's layers
   float weight[9] = {1.f};
@@ -573,7 +685,7 @@ bool fast_gemv(const Problem& p, const Runner& runner) {
     group_sums(p, a, asums + m * groups_per_row);
   }
   FastJob job{&p, ablocks, asums, static_cast<float*>(p.Y)};
-  runner.parallel_for(runner.ctx, pick_fast(p.bits), static_cast<size_t>((p.N + kGemvRows - 1) / kGemvRows), &job);
+  runner.parallel_for(runner.ctx, pick_fast(p), static_cast<size_t>((p.N + kGemvRows - 1) / kGemvRows), &job);
   add_bias(p, job.Y);
   std::free(ablocks);
   std::free(asums);
