@@ -97,6 +97,30 @@ def test_lowered_layer_matches_hqq_forward(nbits, group_size, bias, dtype, in_fe
     assert np.all(np.abs(got - expected) <= bound)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("nbits", "group_size", "integer_zeros"), [(4, 64, False), (4, 64, True), (2, 32, False), (3, 64, False), (8, 128, False)])
+def test_fp16_and_bf16_layers_keep_hqqs_roundings_on_the_kernel(nbits, group_size, integer_zeros, dtype, library):
+    """A float16 / bfloat16 layer becomes an HQQMatMulNBits node with its compute_dtype, even with integer zeros
+    (where plain MatMulNBits would be exact for fp32): the kernel rounds each weight as hqq does, so decode rows and
+    the panel GEMM are hqq's dequantized weight times A to fp32 summation error, not the dtype's rounding that
+    the function body (MatMulNBits in fp32) may differ by."""
+    hqq_layer = _hqq_layer(nbits, group_size, axis=1, dtype=dtype, seed=nbits)
+    if integer_zeros:
+        hqq_layer.meta["zero"] = torch.round(hqq_layer.meta["zero"]).clamp(0, 2**nbits - 1)
+    lowering = LowerToMatMulNBits("auto")
+    model = lowering(_single_layer_model(hqq_layer)).model
+    (node,) = [n for n in model.graph if n.domain == "hqexport"]
+    assert node.op_type == "HQQMatMulNBits" and node.attributes.get_int("compute_dtype") == int(ir.DataType.from_numpy(tensor_to_numpy(hqq_layer.meta["scale"]).dtype))
+    with torch.no_grad():
+        weight = hqq_layer.dequantize().double().numpy()
+    for rows in (1, 3, 5):
+        x = torch.randn(rows, K).numpy()
+        got = _run(model, x, library).astype(np.float64)
+        expected = x.astype(np.float64) @ weight.T
+        bound = 2 * K * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(weight).T)
+        assert np.all(np.abs(got - expected) <= bound), rows
+
+
 def test_integer_zero_points_need_no_correction():
     hqq_layer = _hqq_layer(4, 64, axis=1)
     hqq_layer.meta["zero"] = torch.round(hqq_layer.meta["zero"]).clamp(0, 15)

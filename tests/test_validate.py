@@ -398,3 +398,17 @@ def test_merged_adapter_reports_what_survived_and_validates(source, lora_adapter
     assert not (out / "adapters").exists()
     report = validate(out, adapter="all", **QUICK)
     assert report.passed, [(c.name, c.message) for c in report.checks if not c.passed]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_default_export_of_a_half_compute_source_validates_exactly(hqq_source, tmp_path, dtype, library):
+    """hqq rounds each weight of a float16 / bfloat16 layer to that dtype; the default export's nodes carry the dtype
+    (compute_dtype) and their kernels round alike, so validate's fp32 thresholds hold."""
+    source = hqq_source("llama", "pickle", compute_dtype=dtype, **FORMATS["4bit"])
+    out = tmp_path / "out"
+    convert(source, out, progress=False)
+    nodes = [n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node if n.op_type.startswith("HQQMatMulNBits")]
+    expected = onnx.TensorProto.FLOAT16 if dtype == torch.float16 else onnx.TensorProto.BFLOAT16
+    assert nodes and all(helper.get_node_attr_value(n, "compute_dtype") == expected for n in nodes)
+    report = validate(out, **QUICK)
+    assert report.passed, [(c.name, c.message) for c in report.checks if not c.passed]

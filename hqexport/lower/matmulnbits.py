@@ -28,7 +28,7 @@ from hqexport.errors import HQExportError
 from hqexport.export.lazy import lazy_tensor
 from hqexport.formats.canonical import pack_canonical, unpack_canonical
 from hqexport.manifest import Lowering
-from hqexport.ops.nbits import ACCURACY_LEVEL
+from hqexport.ops.nbits import ACCURACY_LEVEL, COMPUTE_DTYPE
 from hqexport.ops.nbits import OP_TYPE as NBITS_OP_TYPE
 from hqexport.ops.schema import DOMAIN, HQQ_OP, MS_DOMAIN, OP_TYPE
 
@@ -73,7 +73,8 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
 
     mode "auto" keeps the others as hqexport ops and fuses each exact correction into an HQQMatMulNBits node, and
     also the nodes named in `fuse`, whose correction is zero (onnxruntime's CPU MatMulNBits has no fast fp32 path
-    for 8-bit weights; hqexport's library has). mode "ort" writes onnxruntime's ops only and raises HQExportError
+    for 8-bit weights; hqexport's library has), and every layer of a float16 / bfloat16 compute dtype, whose
+    roundings only the node's kernel reproduces (its compute_dtype attribute, ops/nbits.py). mode "ort" writes onnxruntime's ops only and raises HQExportError
     for the first layer that cannot be lowered. `decisions` maps node names to what was done.
     """
 
@@ -162,13 +163,16 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
         ]
         shape = dict(K=K, N=N, bits=container, block_size=group_size)
         needs_correction = split.needs_correction()
-        fused = self.mode == "auto" and act_np == np.float32 and (needs_correction or node.name in self.fuse)
+        # hqq rounds a float16 / bfloat16 layer's weights to that dtype, which only the fused node's kernel reproduces
+        compute = _COMPUTE_DTYPES.get(_const(scale, node).dtype)
+        fused = self.mode == "auto" and act_np == np.float32 and (needs_correction or node.name in self.fuse or compute is not None)
         if needs_correction or fused:  # integer zero points need none: MatMulNBits alone is exact
             correction = initializer("zero_correction", lambda: split.correction().T.astype(act_np), act_np, (blocks, N))
             indicator = self._indicator(graph, K, group_size, act_np)
         if fused:  # one node: a compiled kernel where the library is registered, else its body (ops/nbits.py)
             level = {ACCURACY_LEVEL: self.accuracy_level} if self.accuracy_level else {}
-            y = add(NBITS_OP_TYPE, [*quantized, indicator, correction], domain=DOMAIN, **shape, **level)
+            rounding = {COMPUTE_DTYPE: compute} if compute is not None else {}
+            y = add(NBITS_OP_TYPE, [*quantized, indicator, correction], domain=DOMAIN, **shape, **level, **rounding)
         else:
             y = add("MatMulNBits", quantized, domain=MS_DOMAIN, accuracy_level=self.accuracy_level, **shape)
             if needs_correction:
@@ -190,6 +194,10 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
             accuracy_level=self.accuracy_level,
             zero_correction=needs_correction,
         )
+
+
+#: a layer's scale dtype -> HQQMatMulNBits' compute_dtype (float: the attribute's default, left out)
+_COMPUTE_DTYPES = {ir.DataType.FLOAT16: int(ir.DataType.FLOAT16), ir.DataType.BFLOAT16: int(ir.DataType.BFLOAT16)}
 
 
 def _group_indicator(K: int, group_size: int, dtype: np.dtype) -> np.ndarray:

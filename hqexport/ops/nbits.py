@@ -19,7 +19,9 @@ constant-fold into fp32 weights); a session with the library runs one compiled k
 
 Attributes K, N, bits (2, 4 or 8: the container), block_size, and the optional accuracy_level, as MatMulNBits':
 absent or 0 is HQQ's exact layer; 4 (`--accuracy-level 4`) lets MatMulNBits in the body and the library's kernel
-quantize A to int8 (lossy, docs/kernels.md).
+quantize A to int8 (lossy, docs/kernels.md). The optional compute_dtype (10 float16, 16 bfloat16; absent: float)
+is the layer's in hqq: hqq rounds (q - z) and its product with s to it, and so does the kernel (below accuracy
+level 4). The body cannot: MatMulNBits computes each weight in float, within one such rounding of hqq's.
 
 hqexport::HQQMatMulNBitsLoRA is the same layer with a LoRA branch in the node (adapters/fused.py), so that an
 adapter costs no extra nodes and an inactive one (rank 0) no work. Two more inputs, graph inputs an adapter file
@@ -51,6 +53,8 @@ INPUTS = ("A", "B", "scales", "zero_points", "group_sum", "zero_correction")
 ATTRIBUTES = ("K", "N", "bits", "block_size")
 #: optional, as MatMulNBits': 0 (absent) computes in fp32; 4 allows int8 activations (lossy)
 ACCURACY_LEVEL = "accuracy_level"
+#: optional: HQQ's compute dtype as an ONNX element type, 1 (absent: float), 10 (float16) or 16 (bfloat16)
+COMPUTE_DTYPE = "compute_dtype"
 LORA_OP_TYPE = "HQQMatMulNBitsLoRA"
 LORA_INPUTS = (*INPUTS, "lora_A", "lora_B")
 LORA_COLUMNS = "lora_columns"
@@ -75,6 +79,8 @@ _TYPES = {"A": "T1", "B": "T2", "scales": "T1", "zero_points": "T2", "group_sum"
 def _schema(op_type: str, inputs: tuple[str, ...], doc: str, lora: bool, swiglu: bool = False) -> OpSchema:
     attributes = [OpSchema.Attribute(name, OpSchema.AttrType.INT, f"MatMulNBits' {name}", required=True) for name in ATTRIBUTES]
     attributes.append(OpSchema.Attribute(ACCURACY_LEVEL, OpSchema.AttrType.INT, "MatMulNBits' accuracy_level (0: exact)", required=False))
+    attributes.append(OpSchema.Attribute(COMPUTE_DTYPE, OpSchema.AttrType.INT, "HQQ's compute dtype (1 float, 10 float16, 16 bfloat16): "
+                                         "the kernel rounds (q - zero) and its product with the scale to it, as hqq does", required=False))
     if lora:
         attributes.append(OpSchema.Attribute(LORA_COLUMNS, OpSchema.AttrType.INTS, "[start, stop) output columns per segment", required=True))
     return OpSchema(
@@ -220,26 +226,26 @@ def _function(op_type: str, inputs: tuple[str, ...], nodes: list[onnx.NodeProto]
 def hqq_matmul_nbits_function(opset: int) -> FunctionProto:
     """The model-local function: the stock-op expression of the module docstring."""
     doc = "hqexport::HQQMatMulNBits body: MatMulNBits with uint8 zero points plus the zero-point correction"
-    return _function(OP_TYPE, INPUTS, _layer_nodes("Y"), [*ATTRIBUTES, ACCURACY_LEVEL], opset, doc)
+    return _function(OP_TYPE, INPUTS, _layer_nodes("Y"), [*ATTRIBUTES, ACCURACY_LEVEL, COMPUTE_DTYPE], opset, doc)
 
 
 def hqq_matmul_nbits_lora_function(opset: int) -> FunctionProto:
     """HQQMatMulNBitsLoRA's function: HQQMatMulNBits' body plus the LoRA branch (slow, but folds nothing to fp32)."""
     doc = "hqexport::HQQMatMulNBitsLoRA body: HQQMatMulNBits' plus a LoRA branch per segment of output columns"
-    return _function(LORA_OP_TYPE, LORA_INPUTS, _layer_nodes("base") + _lora_nodes("base", "Y"), [*ATTRIBUTES, ACCURACY_LEVEL, LORA_COLUMNS], opset, doc)
+    return _function(LORA_OP_TYPE, LORA_INPUTS, _layer_nodes("base") + _lora_nodes("base", "Y"), [*ATTRIBUTES, ACCURACY_LEVEL, COMPUTE_DTYPE, LORA_COLUMNS], opset, doc)
 
 
 def hqq_matmul_nbits_swiglu_function(opset: int) -> FunctionProto:
     """HQQMatMulNBitsSwiGLU's function: HQQMatMulNBits' body, then the gating."""
     doc = "hqexport::HQQMatMulNBitsSwiGLU body: HQQMatMulNBits' of a packed gate/up projection, then silu(gate) * up"
-    return _function(SWIGLU_OP_TYPE, INPUTS, _layer_nodes("product") + _swiglu_nodes("product", "Y"), [*ATTRIBUTES, ACCURACY_LEVEL], opset, doc)
+    return _function(SWIGLU_OP_TYPE, INPUTS, _layer_nodes("product") + _swiglu_nodes("product", "Y"), [*ATTRIBUTES, ACCURACY_LEVEL, COMPUTE_DTYPE], opset, doc)
 
 
 def hqq_matmul_nbits_lora_swiglu_function(opset: int) -> FunctionProto:
     """HQQMatMulNBitsLoRASwiGLU's function: HQQMatMulNBitsLoRA's body, then the gating."""
     doc = "hqexport::HQQMatMulNBitsLoRASwiGLU body: HQQMatMulNBitsLoRA's of a packed gate/up projection, then silu(gate) * up"
     nodes = _layer_nodes("base") + _lora_nodes("base", "product") + _swiglu_nodes("product", "Y")
-    return _function(LORA_SWIGLU_OP_TYPE, LORA_INPUTS, nodes, [*ATTRIBUTES, ACCURACY_LEVEL, LORA_COLUMNS], opset, doc)
+    return _function(LORA_SWIGLU_OP_TYPE, LORA_INPUTS, nodes, [*ATTRIBUTES, ACCURACY_LEVEL, COMPUTE_DTYPE, LORA_COLUMNS], opset, doc)
 
 
 #: op type -> its function body builder (by opset)

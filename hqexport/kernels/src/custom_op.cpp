@@ -11,6 +11,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -36,6 +37,7 @@ constexpr const char* kDomain = "hqexport";
 struct Attrs {
   int64_t N = 0, K = 0, bits = 0, group_size = 0, axis = 1;
   int64_t accuracy_level = 0;  // HQQMatMulNBits[LoRA], optional: MatMulNBits' (4 allows int8 activations)
+  int64_t compute_dtype = 1;   // HQQMatMulNBits[LoRA], optional: HQQ's compute dtype (1 float, 10 float16, 16 bfloat16)
   std::vector<int64_t> lora_columns;  // HQQMatMulNBitsLoRA: [start, stop) of each segment's output columns
 };
 
@@ -281,6 +283,9 @@ std::string check_nbits_attrs(const Attrs& a) {
     return "block_size " + std::to_string(a.group_size) + " is not a power of 2 >= 16 dividing K = " + std::to_string(a.K);
   }
   if (a.accuracy_level < 0 || a.accuracy_level > 4) return "accuracy_level must be 0 to 4, got " + std::to_string(a.accuracy_level);
+  if (a.compute_dtype != 1 && a.compute_dtype != 10 && a.compute_dtype != 16) {
+    return "compute_dtype must be 1 (float), 10 (float16) or 16 (bfloat16), got " + std::to_string(a.compute_dtype);
+  }
   return "";
 }
 
@@ -329,7 +334,8 @@ const OpSpec kHqqSpec{"HQQMatMul",
 
 const std::vector<std::pair<const char*, int64_t Attrs::*>> kNbitsAttributes{
     {"N", &Attrs::N}, {"K", &Attrs::K}, {"bits", &Attrs::bits}, {"block_size", &Attrs::group_size}};
-const std::vector<std::pair<const char*, int64_t Attrs::*>> kNbitsOptional{{"accuracy_level", &Attrs::accuracy_level}};
+const std::vector<std::pair<const char*, int64_t Attrs::*>> kNbitsOptional{{"accuracy_level", &Attrs::accuracy_level},
+                                                                           {"compute_dtype", &Attrs::compute_dtype}};
 
 const OpSpec kNbitsSpec{"HQQMatMulNBits", kNbitsAttributes, kNbitsOptional, &check_nbits_attrs, &describe_nbits, 6, 6, false, false};
 const OpSpec kNbitsLoraSpec{"HQQMatMulNBitsLoRA", kNbitsAttributes, kNbitsOptional, &check_nbits_lora_attrs, &describe_nbits_lora, 8, 8, true, false};
@@ -407,20 +413,54 @@ std::vector<float> constant_zeros(const Ort::ConstKernelInfo& info, const Attrs&
   return zeros;
 }
 
+// `x` rounded to float16 or bfloat16 (to nearest, ties to even; a NaN stays a NaN), as stored.
+uint16_t half_bits(float x, DType dtype) {
+  uint16_t bits;
+  if (dtype == DType::F16) {
+    const _Float16 half = static_cast<_Float16>(x);
+    std::memcpy(&bits, &half, sizeof(bits));
+    return bits;
+  }
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u | 0x00400000u) >> 16);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 struct CpuKernel {
   static constexpr const char* kProvider = "CPUExecutionProvider";
   const OpSpec* spec;
   Attrs attrs;
   std::string node;
   std::vector<float> zeros;  // HQQMatMulNBits: constant_zeros, if computed
+  // compute_dtype float16 / bfloat16 (below accuracy level 4): HQQ's scales and zeros in that dtype, so that the
+  // layer dequantizes with hqq's two roundings per weight (the zeros come back exactly: the fp32 error of
+  // zero_point - correction / scale is far below half a float16 or bfloat16 ulp)
+  std::vector<uint16_t> meta_scales, meta_zeros;
 
   bool checked() const { return !zeros.empty(); }
+
+  void set_meta(const float* scales) {
+    if (zeros.empty() || attrs.compute_dtype == 1 || attrs.accuracy_level == 4) return;
+    const DType dtype = static_cast<DType>(attrs.compute_dtype);
+    meta_scales.resize(zeros.size());
+    meta_zeros.resize(zeros.size());
+    for (size_t g = 0; g < zeros.size(); ++g) {
+      meta_scales[g] = half_bits(scales[g], dtype);
+      meta_zeros[g] = half_bits(zeros[g], dtype);
+    }
+  }
 
   std::string run(Ort::KernelContext& ctx, Problem& p) {
     if (!zeros.empty()) {
       p.zero = zeros.data();
       p.zero_points = nullptr;
       p.correction = nullptr;
+    }
+    if (!meta_scales.empty()) {
+      p.meta = static_cast<DType>(attrs.compute_dtype);
+      p.scale = meta_scales.data();
+      p.zero = meta_zeros.data();
     }
     const Runner runner{ctx.GetOrtKernelContext(), &ort_parallel_for};
     const bool avx2 = cpu_has_avx2();
@@ -492,7 +532,11 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
       if (!message.empty()) return error(spec_->op_type, node, message);
       auto kernel = std::make_unique<Kernel>(Kernel{spec_, a, node});
       if constexpr (std::is_same_v<Kernel, CpuKernel>) {
-        if (spec_ != &kHqqSpec && !spec_->half) kernel->zeros = constant_zeros(kinfo, a);
+        if (spec_ != &kHqqSpec && !spec_->half) {
+          kernel->zeros = constant_zeros(kinfo, a);
+          int is_constant = 0;
+          if (!kernel->zeros.empty()) kernel->set_meta(kinfo.GetTensorConstantInput(2, &is_constant).GetTensorData<float>());
+        }
       }
       *out = kernel.release();
       return nullptr;
