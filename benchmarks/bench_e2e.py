@@ -2,6 +2,7 @@
 
     python benchmarks/bench_e2e.py           # SmolLM2-135M-Instruct, hqq 4-bit g64 axis 1 (tests/smollm2.py)
     python benchmarks/bench_e2e.py --tiny    # a tiny hqexport.sample model, about a minute (the smoke test)
+    python benchmarks/bench_e2e.py --compute-dtype float16 --out e2e-fp16.json  # hqq's GPU default compute dtype
 
 In a work folder it builds, each in its own process (wall time, peak RSS):
 
@@ -114,11 +115,14 @@ def _rss_bytes() -> int:
 # ---------------------------------------------------------------- artifacts
 
 
-def tiny_source(folder: Path) -> Path:
+def tiny_source(folder: Path, compute_dtype: str) -> Path:
+    import torch
+
     from hqexport.sample import build_sample_model, build_tokenizer, save_hqq_pickle
 
     tokenizer = build_tokenizer()
-    model = build_sample_model("llama", nbits=4, group_size=32, axis=1, vocab_size=tokenizer.vocab_size)
+    model = build_sample_model("llama", nbits=4, group_size=32, axis=1, vocab_size=tokenizer.vocab_size,
+                               compute_dtype=getattr(torch, compute_dtype))
     return save_hqq_pickle(model, folder, tokenizer)
 
 
@@ -336,14 +340,15 @@ def build(
     return paths, {"variants": facts}
 
 
-def source_model(tiny: bool, work: Path, reuse: bool) -> tuple[Path, str, int]:
-    """(hqq source folder, its name for the table, its group size): SmolLM2 (cached) or a tiny sample in `work`."""
+def source_model(tiny: bool, work: Path, reuse: bool, compute_dtype: str) -> tuple[Path, str, int]:
+    """(hqq source folder, its name for the table, its group size): SmolLM2 (cached) or a tiny sample in `work`,
+    quantized by hqq with `compute_dtype`."""
     if tiny:
-        source = work / "source" if reuse and (work / "source").is_dir() else tiny_source(work / "source")
-        return source, "tiny hqexport.sample llama (hqq 4-bit g32 axis 1)", 32
+        source = work / "source" if reuse and (work / "source").is_dir() else tiny_source(work / "source", compute_dtype)
+        return source, f"tiny hqexport.sample llama (hqq 4-bit g32 axis 1, {compute_dtype} compute)", 32
     from tests.smollm2 import QUANT, smollm2_hqq
 
-    return smollm2_hqq(), "SmolLM2-135M-Instruct (hqq 4-bit g64 axis 1, fp32 compute)", QUANT["group_size"]
+    return smollm2_hqq(compute_dtype), f"SmolLM2-135M-Instruct (hqq 4-bit g64 axis 1, {compute_dtype} compute)", QUANT["group_size"]
 
 
 def in_work_folder(work: Path | None, prefix: str, run: Callable[[Path], None]) -> None:
@@ -371,6 +376,8 @@ def source_tokens(source: Path, count: int) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny hqexport.sample llama instead of SmolLM2-135M")
+    parser.add_argument("--compute-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="hqq's compute dtype for the source model (float16 is hqq's default on GPUs)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--prompt", type=int, default=26, help="prompt tokens before the timed decode steps")
     parser.add_argument("--decode", type=int, default=64, help="timed decode steps")
@@ -398,7 +405,7 @@ def main() -> None:
 
 def benchmark(args: argparse.Namespace, work: Path, selected: list[str], out: Path) -> None:
     started, load_start = time.perf_counter(), os.getloadavg()
-    source, model_name, group_size = source_model(args.tiny, work, args.reuse)
+    source, model_name, group_size = source_model(args.tiny, work, args.reuse, args.compute_dtype)
     paths, built = build(source, work, selected, group_size, args.reuse)
     tokens = source_tokens(source, max(args.prefill, args.prompt))
     runnable = [variant for variant in selected if not isinstance(paths[variant], str)]
@@ -428,6 +435,7 @@ def benchmark(args: argparse.Namespace, work: Path, selected: list[str], out: Pa
         "model": model_name,
         "source": str(source),
         "settings": {"prompt": args.prompt, "decode": args.decode, "prefill": args.prefill, "rounds": args.rounds, "batch": 1,
+                     "compute_dtype": args.compute_dtype,
                      "threads": "onnxruntime defaults", "cpu_count": os.cpu_count()},
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "build": built,

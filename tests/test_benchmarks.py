@@ -53,7 +53,8 @@ def e2e(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("e2e")
     out = work / "e2e.json"
     _run(
-        "bench_e2e.py", "--tiny", "--variants", "pytorch-hqq,builder-int4-acc1,hqexport-fp32,hqexport", "--prompt", "6",
+        # float16: hqq's GPU default, whose exact export rounds each weight as hqq does (HQQMatMulNBits compute_dtype)
+        "bench_e2e.py", "--tiny", "--compute-dtype", "float16", "--variants", "pytorch-hqq,builder-int4-acc1,hqexport-fp32,hqexport", "--prompt", "6",
         "--decode", "5", "--prefill", "12", "--rounds", "2", "--work", str(work / "models"), "--out", str(out),
     )
     return json.loads(out.read_text())
@@ -72,7 +73,8 @@ def test_bench_e2e_rows_and_targets(e2e):
     assert targets["lossy int4 decode vs builder int4 (onnxruntime)"]["measured"] is None  # those variants were not run
     builder = e2e["build"]["variants"]["builder-int4-acc1"]
     assert "onnxruntime_genai.models.builder" in builder["command"] and "accuracy_level=1" in builder["command"]
-    assert e2e["load_average"]["start"] and e2e["settings"]["cpu_count"] > 0
+    assert e2e["load_average"]["start"] and e2e["settings"]["cpu_count"] > 0 and e2e["settings"]["compute_dtype"] == "float16"
+    assert "float16 compute" in e2e["model"]
     for variant, result in e2e["variants"].items():  # the table's timing is the median of the interleaved rounds
         decode_rounds = sorted(run["decode_ms"] for run in result["rounds"])
         assert len(decode_rounds) == 2 and result["decode_ms"] == pytest.approx(sum(decode_rounds) / 2), variant
