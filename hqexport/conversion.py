@@ -105,7 +105,8 @@ def convert(
     bake or merge; adapter_dtype: the factors' dtype where LoRA lives inside the layers' nodes (fp16: lossy).
     ops: auto (MatMulNBits where it is exact, hqexport op elsewhere), hqq (hqexport op everywhere) or ort
     (MatMulNBits everywhere, an error for a layer it cannot express). accuracy_level: of the
-    MatMulNBits nodes (ACCURACY_LEVELS); 4 trades HQQ's exact result for int8 activations. lm_head: fp32 (exact;
+    MatMulNBits nodes (ACCURACY_LEVELS); 1 computes float16 / bfloat16 layers' weights in fp32, 4 uses int8
+    activations: both trade HQQ's exact result for speed. lm_head: fp32 (exact;
     stored as its int8 grid, or in float16 / bfloat16, when that holds its values and the folder ships the kernels) or a lossy int8 / int4
     requantization of an fp head (lower/lm_head.py). with_kernels: put the compiled kernel
     library (built if needed) into the folder and name it in genai_config.json, so that onnxruntime-genai runs the

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 #: how the quantized layers are computed: MatMulNBits where exact (auto), hqexport ops only, MatMulNBits only
 OPS = ("auto", "hqq", "ort")
-#: MatMulNBits accuracy_level: 0 computes in fp32 (exact); 4 quantizes activations to int8 (faster, lossy)
-ACCURACY_LEVELS = (0, 4)
+#: MatMulNBits accuracy_level: 0 is HQQ's arithmetic (exact); 1 computes weights in fp32 (for float16 / bfloat16
+#: layers without hqq's rounding to that dtype: faster, lossy); 4 quantizes activations to int8 (faster, lossy)
+ACCURACY_LEVELS = (0, 1, 4)
 #: activation dtypes
 DTYPES = ("fp32", "fp16")
 #: how the lm_head is stored: fp32 (exact) or a lossy hqq requantization

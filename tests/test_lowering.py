@@ -121,6 +121,25 @@ def test_fp16_and_bf16_layers_keep_hqqs_roundings_on_the_kernel(nbits, group_siz
         assert np.all(np.abs(got - expected) <= bound), rows
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_accuracy_level_1_computes_fp16_and_bf16_weights_in_fp32(dtype, library):
+    """--accuracy-level 1 (the explicit fp32-compute choice): the kernel skips hqq's roundings, so it computes what
+    the function body computes, (q - z) * s in fp32 per weight, to fp32 summation error."""
+    hqq_layer = _hqq_layer(4, 64, axis=1, dtype=dtype, seed=1)
+    model = LowerToMatMulNBits("auto", accuracy_level=1)(_single_layer_model(hqq_layer)).model
+    (node,) = [n for n in model.graph if n.domain == "hqexport"]
+    assert node.attributes.get_int("accuracy_level") == 1
+    scale = hqq_layer.meta["scale"].double().reshape(N, -1).repeat_interleave(64, dim=1).numpy()
+    zero = hqq_layer.meta["zero"].double().reshape(N, -1).repeat_interleave(64, dim=1).numpy()
+    codes = unpack_codes(hqq_layer.W_q.data.numpy(), N, K, layer_from_meta("l", hqq_layer.W_q.data, hqq_layer.meta, None).fmt)
+    weight = (codes - zero) * scale  # unrounded
+    for rows in (1, 5):
+        x = torch.randn(rows, K).numpy().astype(np.float64)
+        got = _run(model, x.astype(np.float32), library).astype(np.float64)
+        bound = 4 * K * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(weight).T)
+        assert np.all(np.abs(got - x @ weight.T) <= bound), rows
+
+
 def test_integer_zero_points_need_no_correction():
     hqq_layer = _hqq_layer(4, 64, axis=1)
     hqq_layer.meta["zero"] = torch.round(hqq_layer.meta["zero"]).clamp(0, 15)

@@ -412,3 +412,15 @@ def test_default_export_of_a_half_compute_source_validates_exactly(hqq_source, t
     assert nodes and all(helper.get_node_attr_value(n, "compute_dtype") == expected for n in nodes)
     report = validate(out, **QUICK)
     assert report.passed, [(c.name, c.message) for c in report.checks if not c.passed]
+
+
+@pytest.mark.parametrize(("dtype", "lossy"), [(torch.float16, ["accuracy_level 1"]), (torch.float32, [])])
+def test_accuracy_level_1_is_lossy_only_for_half_compute_layers(hqq_source, tmp_path, dtype, lossy, library):
+    """Level 1 drops hqq's rounding of each weight to a float16 / bfloat16 compute dtype: the manifest lists it, and
+    validate judges the export as lossy, only for a model with such layers (for float32 ones it is level 0)."""
+    out = tmp_path / "out"
+    convert(hqq_source("llama", "pickle", compute_dtype=dtype, **FORMATS["4bit"]), out, progress=False, accuracy_level=1)
+    assert json.loads((out / "hqexport.json").read_text())["model"]["lossy"] == lossy
+    report = validate(out, **QUICK)
+    assert report.passed, [(c.name, c.message) for c in report.checks if not c.passed]
+    assert any("lossy export (accuracy_level 1)" in note for note in report.notes) == bool(lossy)

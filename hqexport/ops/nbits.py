@@ -18,10 +18,11 @@ constant-fold into fp32 weights); a session with the library runs one compiled k
     zero_correction  [K / block_size, N]       float   (zr - z) * s
 
 Attributes K, N, bits (2, 4 or 8: the container), block_size, and the optional accuracy_level, as MatMulNBits':
-absent or 0 is HQQ's exact layer; 4 (`--accuracy-level 4`) lets MatMulNBits in the body and the library's kernel
-quantize A to int8 (lossy, docs/kernels.md). The optional compute_dtype (10 float16, 16 bfloat16; absent: float)
-is the layer's in hqq: hqq rounds (q - z) and its product with s to it, and so does the kernel (below accuracy
-level 4). The body cannot: MatMulNBits computes each weight in float, within one such rounding of hqq's.
+absent or 0 is HQQ's exact layer; 1 computes the weights in fp32 (below); 4 (`--accuracy-level 4`) lets
+MatMulNBits in the body and the library's kernel quantize A to int8 (lossy, docs/kernels.md). The optional
+compute_dtype (10 float16, 16 bfloat16; absent: float) is the layer's in hqq: hqq rounds (q - z) and its product
+with s to it, and so does the kernel at level 0. The body cannot: MatMulNBits computes each weight in float,
+within one such rounding of hqq's.
 
 hqexport::HQQMatMulNBitsLoRA is the same layer with a LoRA branch in the node (adapters/fused.py), so that an
 adapter costs no extra nodes and an inactive one (rank 0) no work. Two more inputs, graph inputs an adapter file

@@ -30,6 +30,12 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _lossy_level(level: int, compute_dtype: Any) -> bool:
+    """Whether a layer's accuracy level departs from HQQ's result: 4 always (int8 activations); 1 for a float16 /
+    bfloat16 layer (its weights computed in fp32, not rounded to that dtype as hqq does)."""
+    return level == 4 or (level == 1 and _dtype_name(compute_dtype) != "float32")
+
+
 def build_manifest(
     qmodel: QuantizedModel,
     io: DecoderIO,
@@ -47,10 +53,14 @@ def build_manifest(
     layers: where each of the source's quantized layers is in the graph; outputs: each written file (path relative
     to the folder) -> sha256; adapters: the adapters section; lm_head: how the head is stored (lower/lm_head.py
     HeadChoice). model.lossy lists every choice that departs from the source's exact result (validate then
-    measures the loss instead of requiring exactness).
+    measures the loss instead of requiring exactness): an accuracy level only where it changes a layer's result.
     """
-    accuracy_levels = {layers[path].lowering.accuracy_level for path in qmodel.linears if layers[path].lowering}
-    lossy = [f"accuracy_level {level}" for level in sorted(level for level in accuracy_levels if level)]
+    lossy_levels = {
+        layers[path].lowering.accuracy_level
+        for path, layer in qmodel.linears.items()
+        if layers[path].lowering and _lossy_level(layers[path].lowering.accuracy_level, layer.compute_dtype)
+    }
+    lossy = [f"accuracy_level {level}" for level in sorted(lossy_levels)]
     if lm_head.get("lossy"):
         lossy.append(f"lm_head {lm_head['format']}" + (" (the tied embedding too)" if lm_head.get("shared_with_embedding") else ""))
     source = qmodel.provenance

@@ -433,15 +433,16 @@ struct CpuKernel {
   Attrs attrs;
   std::string node;
   std::vector<float> zeros;  // HQQMatMulNBits: constant_zeros, if computed
-  // compute_dtype float16 / bfloat16 (below accuracy level 4): HQQ's scales and zeros in that dtype, so that the
+  // compute_dtype float16 / bfloat16 (at accuracy level 0): HQQ's scales and zeros in that dtype, so that the
   // layer dequantizes with hqq's two roundings per weight (the zeros come back exactly: the fp32 error of
   // zero_point - correction / scale is far below half a float16 or bfloat16 ulp)
   std::vector<uint16_t> meta_scales, meta_zeros;
 
-  bool checked() const { return !zeros.empty(); }
+  bool checked() const { return !zeros.empty() || !meta_zeros.empty(); }
 
+  // After constant_zeros: the scales and zeros in the compute dtype, where the node has one (then `zeros` goes).
   void set_meta(const float* scales) {
-    if (zeros.empty() || attrs.compute_dtype == 1 || attrs.accuracy_level == 4) return;
+    if (zeros.empty() || attrs.compute_dtype == 1 || attrs.accuracy_level != 0) return;
     const DType dtype = static_cast<DType>(attrs.compute_dtype);
     meta_scales.resize(zeros.size());
     meta_zeros.resize(zeros.size());
@@ -449,6 +450,7 @@ struct CpuKernel {
       meta_scales[g] = half_bits(scales[g], dtype);
       meta_zeros[g] = half_bits(zeros[g], dtype);
     }
+    zeros = std::vector<float>();
   }
 
   std::string run(Ort::KernelContext& ctx, Problem& p) {
@@ -457,10 +459,12 @@ struct CpuKernel {
       p.zero_points = nullptr;
       p.correction = nullptr;
     }
-    if (!meta_scales.empty()) {
+    if (!meta_zeros.empty()) {
       p.meta = static_cast<DType>(attrs.compute_dtype);
       p.scale = meta_scales.data();
       p.zero = meta_zeros.data();
+      p.zero_points = nullptr;
+      p.correction = nullptr;
     }
     const Runner runner{ctx.GetOrtKernelContext(), &ort_parallel_for};
     const bool avx2 = cpu_has_avx2();
