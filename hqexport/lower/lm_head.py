@@ -63,7 +63,7 @@ class HeadChoice:
     format: str  # "fp32", "int8-exact" (exact_int8_head), "fp16-exact" / "bf16-exact" (exact_half_head), "int8", "int4" or "hqq" (quantized in the source)
     lossy: bool
     group_size: int | None = None
-    op: str | None = None  # the op computing a quantized head (--lm-head int8/int4, or the exact int8 grid)
+    op: str | None = None  # the op computing a quantized head (--lm-head int8/int4), the exact int8 grid or a half-width head
     shared_with_embedding: bool | None = None  # a tied embedding reads the quantized head's table
     shortlist: int | None = None  # a lossy head: this many logits per position recomputed from the exact rows
 
