@@ -340,7 +340,7 @@ def build(
     return paths, {"variants": facts}
 
 
-def source_model(tiny: bool, work: Path, reuse: bool, compute_dtype: str) -> tuple[Path, str, int]:
+def source_model(tiny: bool, work: Path, reuse: bool, compute_dtype: str = "float32") -> tuple[Path, str, int]:
     """(hqq source folder, its name for the table, its group size): SmolLM2 (cached) or a tiny sample in `work`,
     quantized by hqq with `compute_dtype`."""
     if tiny:
