@@ -245,6 +245,13 @@ def _adapters_table(adapters: list[dict[str, Any]] | dict[str, Any]):
     return _table("Adapters found next to it", ["folder", "r", "lora_alpha", "target_modules"], rows)
 
 
+def _head_text(head: dict[str, Any]) -> str:
+    """The manifest's model.lm_head in a few words: its format, the op computing it, whether the embedding shares it."""
+    details = [head["op"]] if head.get("op") else []
+    details += ["the embedding reads it too"] if head.get("shared_with_embedding") else []
+    return head.get("format", "") + (f" ({', '.join(details)})" if details else "")
+
+
 def _export_tables(report: dict[str, Any]) -> list:
     model = report["model"]
     summary = _kv_table(
@@ -256,6 +263,8 @@ def _export_tables(report: dict[str, Any]) -> list:
             ("decoder layers", model.get("num_hidden_layers", "")),
             ("dtype / opset", f"{model.get('dtype', '')} / {model.get('opset', '')}"),
             ("quantized linears", report["quantized_linears"]),
+            ("lm_head", _head_text(model.get("lm_head", {}))),
+            ("lossy choices", ", ".join(model.get("lossy", [])) or "none (HQQ's exact result)"),
             ("total size", _size(report["total_bytes"])),
         ],
     )

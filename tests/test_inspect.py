@@ -138,6 +138,19 @@ def test_exported_folder(tmp_path):
     assert report["total_bytes"] == 1110 + (tmp_path / "hqexport.json").stat().st_size
     text = run_cli(str(tmp_path))
     assert "MatMulNBits" in text and "chat" in text and "model.onnx.data" in text
+    assert "none (HQQ's exact result)" in text  # the manifest's lossy list is empty; its head is the fp32 one
+
+
+def test_exported_folder_names_its_head_and_lossy_choices(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    head = {"format": "fp16-exact", "lossy": False, "op": "hqexport.HalfMatMul", "shared_with_embedding": True}
+    (tmp_path / "hqexport.json").write_text(json.dumps({**_manifest(), "model": {**_manifest()["model"], "lm_head": head,
+                                                                                  "lossy": ["accuracy_level 1"]}}))
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)], env={"COLUMNS": "200"})  # no wrapped cells
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "fp16-exact (hqexport.HalfMatMul, the embedding reads it too)" in text
+    assert "accuracy_level 1" in text and "none (HQQ" not in text
 
 
 @pytest.mark.parametrize("problem", ["no-onnx", "bad-json", "no-layers"])
