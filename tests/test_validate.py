@@ -424,3 +424,15 @@ def test_accuracy_level_1_is_lossy_only_for_half_compute_layers(hqq_source, tmp_
     report = validate(out, **QUICK)
     assert report.passed, [(c.name, c.message) for c in report.checks if not c.passed]
     assert any("lossy export (accuracy_level 1)" in note for note in report.notes) == bool(lossy)
+
+
+@pytest.mark.parametrize(("dtype", "lossy"), [(torch.float16, ["MatMulNBits weights in fp32 for float16 / bfloat16 layers"]), (torch.float32, [])])
+def test_ops_ort_is_lossy_only_for_half_compute_sources(hqq_source, tmp_path, dtype, lossy):
+    """Stock MatMulNBits cannot round a float16 layer's weights as hqq does: --ops ort lists that as lossy, and
+    validate measures it instead of requiring hqq's result; for a float32 source it is HQQ's layer."""
+    out = tmp_path / "out"
+    convert(hqq_source("llama", "pickle", compute_dtype=dtype, **FORMATS["4bit"]), out, progress=False, ops="ort")
+    assert json.loads((out / "hqexport.json").read_text())["model"]["lossy"] == lossy
+    report = validate(out, **QUICK)
+    assert report.passed, [(c.name, c.message) for c in report.checks if not c.passed]
+    assert any("lossy export (MatMulNBits weights in fp32" in note for note in report.notes) == bool(lossy)

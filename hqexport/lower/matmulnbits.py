@@ -74,8 +74,9 @@ class LowerToMatMulNBits(ir.passes.InPlacePass):
     mode "auto" keeps the others as hqexport ops and fuses each exact correction into an HQQMatMulNBits node, and
     also the nodes named in `fuse`, whose correction is zero (onnxruntime's CPU MatMulNBits has no fast fp32 path
     for 8-bit weights; hqexport's library has), and every layer of a float16 / bfloat16 compute dtype, whose
-    roundings only the node's kernel reproduces (its compute_dtype attribute, ops/nbits.py). mode "ort" writes onnxruntime's ops only and raises HQExportError
-    for the first layer that cannot be lowered. `decisions` maps node names to what was done.
+    roundings only the node's kernel reproduces (its compute_dtype attribute, ops/nbits.py). mode "ort" writes
+    onnxruntime's ops only (for those layers, weights within one rounding of hqq's: the manifest calls it lossy) and
+    raises HQExportError for the first layer that cannot be lowered. `decisions` maps node names to what was done.
     """
 
     def __init__(self, mode: str = "auto", accuracy_level: int = 0, fuse: Collection[str] = ()) -> None:

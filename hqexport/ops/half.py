@@ -24,8 +24,6 @@ from hqexport.ops.schema import DOMAIN, SINCE_VERSION
 OP_TYPE = "HalfMatMul"
 INPUTS = ("A", "W")
 ATTRIBUTES = ("N", "K")
-#: the numpy dtype names W may have
-W_DTYPES = ("float16", "bfloat16")
 
 
 def build_schema() -> OpSchema:

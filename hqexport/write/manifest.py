@@ -12,6 +12,7 @@ from hqexport.export.decoder import DecoderIO
 from hqexport.export.graph import LayerNode
 from hqexport.manifest import LayerEntry, Manifest, ModelInfo, SourceInfo
 from hqexport.model import QuantizedModel
+from hqexport.ops.schema import MS_DOMAIN
 
 _LIBRARIES = ("torch", "hqq", "transformers", "onnx", "onnxruntime")
 
@@ -28,6 +29,9 @@ def tool_versions() -> dict[str, str]:
 
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+STOCK_NBITS_OP = f"{MS_DOMAIN}.MatMulNBits"
 
 
 def _lossy_level(level: int, compute_dtype: Any) -> bool:
@@ -61,6 +65,10 @@ def build_manifest(
         if layers[path].lowering and _lossy_level(layers[path].lowering.accuracy_level, layer.compute_dtype)
     }
     lossy = [f"accuracy_level {level}" for level in sorted(lossy_levels)]
+    if dtype == "fp32" and any(
+        layers[path].op == STOCK_NBITS_OP and _dtype_name(layer.compute_dtype) != "float32" for path, layer in qmodel.linears.items()
+    ):  # --ops ort: stock MatMulNBits computes a float16 / bfloat16 layer's weights in fp32, without hqq's roundings
+        lossy.append("MatMulNBits weights in fp32 for float16 / bfloat16 layers")
     if lm_head.get("lossy"):
         lossy.append(f"lm_head {lm_head['format']}" + (" (the tied embedding too)" if lm_head.get("shared_with_embedding") else ""))
     source = qmodel.provenance
