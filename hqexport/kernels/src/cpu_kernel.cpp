@@ -79,23 +79,9 @@ inline float load_meta(const void* p, int64_t i) {
   }
 }
 
-// w = rnd(rnd(code - zero) * scale) in the compute dtype META, then cast to fp16 when A is fp16.
-template <DType META, bool TO_F16>
-inline float dequant(float code, float zero, float scale) {
-  float w;
-  if constexpr (META == DType::F32) {
-    w = (code - zero) * scale;
-  } else if constexpr (META == DType::F16) {
-    w = round_f16(round_f16(code - zero) * scale);
-  } else {
-    w = round_bf16(round_bf16(code - zero) * scale);
-  }
-  if constexpr (TO_F16 && META != DType::F16) w = round_f16(w);
-  return w;
-}
 
 // round_f16 and round_bf16 on 8 lanes, the same roundings (vcvtps2ph rounds to nearest even, as the cast does).
-inline v8f round8_f16(v8f x) {
+inline v8f round_f16(v8f x) {
 #ifdef __AVX2__
   __m256 v;
   std::memcpy(&v, &x, sizeof(v));
@@ -108,7 +94,7 @@ inline v8f round8_f16(v8f x) {
 #endif
 }
 
-inline v8f round8_bf16(v8f x) {
+inline v8f round_bf16(v8f x) {
   v8u u;
   std::memcpy(&u, &x, sizeof(u));
   const v8u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
@@ -118,18 +104,19 @@ inline v8f round8_bf16(v8f x) {
   return x;
 }
 
-// dequant on 8 codes of one group.
-template <DType META, bool TO_F16>
-inline v8f dequant8(v8f code, float zero, float scale) {
-  v8f w;
+// w = rnd(rnd(code - zero) * scale) in the compute dtype META, then cast to fp16 when A is fp16: for one code (V
+// float) or 8 codes of one group (V v8f), the same roundings.
+template <DType META, bool TO_F16, typename V>
+inline V dequant(V code, float zero, float scale) {
+  V w;
   if constexpr (META == DType::F32) {
     w = (code - zero) * scale;
   } else if constexpr (META == DType::F16) {
-    w = round8_f16(round8_f16(code - zero) * scale);
+    w = round_f16(round_f16(code - zero) * scale);
   } else {
-    w = round8_bf16(round8_bf16(code - zero) * scale);
+    w = round_bf16(round_bf16(code - zero) * scale);
   }
-  if constexpr (TO_F16 && META != DType::F16) w = round8_f16(w);
+  if constexpr (TO_F16 && META != DType::F16) w = round_f16(w);
   return w;
 }
 
@@ -214,7 +201,7 @@ void dequant_segment(const Problem& p, int64_t n, int64_t k0, int64_t len, float
       const float s = load_meta<META>(p.scale, g);
       float* o = out + i;
       int64_t j = 0;
-      for (; j + 8 <= run; j += 8) store8(o + j, dequant8<META, TO_F16>(load8(o + j), z, s));
+      for (; j + 8 <= run; j += 8) store8(o + j, dequant<META, TO_F16>(load8(o + j), z, s));
       for (; j < run; ++j) o[j] = dequant<META, TO_F16>(o[j], z, s);
       i += run;
       ++g;
@@ -540,9 +527,9 @@ inline void fast_rows(const FastJob& job, int64_t n0) {
 
 // fp16 / bf16 compute dtypes (META): the factorized sum would skip hqq's two roundings of each weight, so the same
 // blocks are dequantized instead, in registers, and multiplied with A permuted alike; no buffer, no pass over
-// memory of their own. Codes of at most 4 bits take a group's few possible weights from a table: dequant8 (the
-// reference's roundings on 8 lanes) of the codes 0..15 once per group, then one shuffle per 8 codes, where
-// rounding every weight costs four conversions (the slowest part of this path).
+// memory of their own. Codes of at most 4 bits take a group's few possible weights from a table: dequant of the
+// codes 0..15 on 8 lanes (the reference's roundings) once per group, then one shuffle per 8 codes, where rounding
+// every weight costs four conversions (the slowest part of this path).
 template <typename Word, int BITS, int PER, DType META, int R>
 inline void exact_rows(const FastJob& job, int64_t n0) {
   const Problem& p = *job.p;
@@ -562,8 +549,8 @@ inline void exact_rows(const FastJob& job, int64_t n0) {
         zero[r] = load_meta<META>(p.zero, (n0 + r) * groups_per_row + gi);
         scale[r] = load_meta<META>(p.scale, (n0 + r) * groups_per_row + gi);
         if constexpr (BITS <= 4) {
-          low[r] = dequant8<META, false>(v8f{0, 1, 2, 3, 4, 5, 6, 7}, zero[r], scale[r]);
-          high[r] = dequant8<META, false>(v8f{8, 9, 10, 11, 12, 13, 14, 15}, zero[r], scale[r]);
+          low[r] = dequant<META, false>(v8f{0, 1, 2, 3, 4, 5, 6, 7}, zero[r], scale[r]);
+          high[r] = dequant<META, false>(v8f{8, 9, 10, 11, 12, 13, 14, 15}, zero[r], scale[r]);
         }
       }
       for (int64_t b = 0; b < blocks_per_group; ++b, ++block) {
@@ -580,7 +567,7 @@ inline void exact_rows(const FastJob& job, int64_t n0) {
             } else if constexpr (BITS < 4) {
               weight = __builtin_shuffle(low[r], code);
             } else {
-              weight = dequant8<META, false>(__builtin_convertvector(code, v8f), zero[r], scale[r]);
+              weight = dequant<META, false>(__builtin_convertvector(code, v8f), zero[r], scale[r]);
             }
             acc[r][j & 1] += weight * av;
           }
