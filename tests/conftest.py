@@ -13,6 +13,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -40,6 +42,29 @@ MIXED_CONFIG = {
 
 FORMS = ("pickle", "safetensors", "sharded")
 
+
+
+def assert_embedding_gathers(out: Path, table: np.ndarray, embedded: str) -> None:
+    """The exported folder's value `embedded` (its embedding lookup's output) holds `table`'s rows bit for bit, for
+    the ids 3, 17 and the last one."""
+    from hqexport.validation.blocks import with_extra_outputs
+    from hqexport.validation.onnx_session import OnnxDecoder
+
+    vocab, hidden = table.shape
+    decoder = OnnxDecoder(out, "cpu", model=with_extra_outputs(onnx.load(str(out / "model.onnx"), load_external_data=False), [embedded], 1))
+    ids = np.array([[3, 17, vocab - 1]])
+    got = decoder.step(ids, decoder.empty_cache(1, 2, hidden // 4)).extras[embedded]
+    np.testing.assert_array_equal(got[0], table[ids[0]])
+
+
+def assert_validates_as_exact(out: Path) -> None:
+    """validate passes on a short run, its logits judged as an exact export's (not by top-1 agreement)."""
+    from hqexport.validation import validate
+
+    report = validate(out, prompts=["The old man"], tokens=4, progress=None)
+    assert report.passed, [check for check in report.checks if not check.passed]
+    logits = next(check for check in report.checks if check.name == "logits")
+    assert "top1_agreement" not in logits.threshold
 
 
 def manifest_json(layers: dict[str, dict] | None = None, **model) -> dict:

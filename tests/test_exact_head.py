@@ -20,12 +20,9 @@ from hqexport.conversion import convert
 from hqexport.lower import exact_int8_head
 from hqexport.read.source import read_source
 from hqexport.sample import build_sample_model, save_hqq_pickle
-from hqexport.validation import validate
 from hqexport.validation.blocks import with_extra_outputs
 from hqexport.validation.onnx_session import OnnxDecoder
-from tests.conftest import FORMATS
-
-QUICK = dict(prompts=["The old man"], tokens=4, progress=None)
+from tests.conftest import FORMATS, assert_embedding_gathers, assert_validates_as_exact
 
 
 def q8_0_grid(table: np.ndarray) -> np.ndarray:
@@ -104,16 +101,8 @@ def test_default_export_stores_the_exact_grid(grid_source, tmp_path, tied, libra
     assert not initializers[head.input[5]].any()  # integer zero points: the correction is zero
     assert ("model.embed_tokens.weight" in initializers) == (not tied)
     if tied:  # the embedding gathers the same rows, exactly
-        embedded = next(n.output[0] for n in reversed(model.graph.node) if n.name.startswith("/model/embed_tokens/"))
-        decoder = OnnxDecoder(out, "cpu", model=with_extra_outputs(onnx.load(str(out / "model.onnx"), load_external_data=False), [embedded], 1))
-        ids = np.array([[3, 17, vocab - 1]])
-        got = decoder.step(ids, decoder.empty_cache(1, 2, hidden // 4)).extras[embedded]
-        np.testing.assert_array_equal(got[0], table[ids[0]])
-
-    report = validate(out, **QUICK)
-    assert report.passed, [check for check in report.checks if not check.passed]
-    logits = next(check for check in report.checks if check.name == "logits")
-    assert "top1_agreement" not in logits.threshold  # judged as an exact export
+        assert_embedding_gathers(out, table, next(n.output[0] for n in reversed(model.graph.node) if n.name.startswith("/model/embed_tokens/")))
+    assert_validates_as_exact(out)
 
 
 def test_the_grid_stays_exact_at_accuracy_level_4(grid_source, tmp_path, library):
