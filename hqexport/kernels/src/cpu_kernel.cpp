@@ -464,7 +464,7 @@ constexpr int kFastRows = 4;  // output rows per pass: each load of A serves 4 r
 struct FastJob {
   const Problem* p;
   const float* Ablocks;  // [M, K] A permuted per block
-  const float* Asums;    // [M, K / g] group sums of A
+  const float* Asums;    // [M, K / g] group sums of A (fp32 compute dtype only: exact_rows has no zero term)
   float* Y;              // [M, N]
 };
 
@@ -669,7 +669,7 @@ bool fast_gemv(const Problem& p, const Runner& runner) {
         }
       }
     }
-    group_sums(p, a, asums + m * groups_per_row);
+    if (p.meta == DType::F32) group_sums(p, a, asums + m * groups_per_row);  // the factorized sum's zero term
   }
   FastJob job{&p, ablocks, asums, static_cast<float*>(p.Y)};
   runner.parallel_for(runner.ctx, pick_fast(p), static_cast<size_t>((p.N + kGemvRows - 1) / kGemvRows), &job);
