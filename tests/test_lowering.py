@@ -98,7 +98,11 @@ def test_lowered_layer_matches_hqq_forward(nbits, group_size, bias, dtype, in_fe
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(("nbits", "group_size", "integer_zeros"), [(4, 64, False), (4, 64, True), (2, 32, False), (3, 64, False), (8, 128, False)])
+# 4 bits in groups of 64 and 128 take the kernel's weight tables, in groups of 32 its per-call ones
+@pytest.mark.parametrize(
+    ("nbits", "group_size", "integer_zeros"),
+    [(4, 64, False), (4, 64, True), (4, 128, False), (4, 32, False), (2, 32, False), (3, 64, False), (8, 128, False)],
+)
 def test_fp16_and_bf16_layers_keep_hqqs_roundings_on_the_kernel(nbits, group_size, integer_zeros, dtype, library):
     """A float16 / bfloat16 layer becomes an HQQMatMulNBits node with its compute_dtype, even with integer zeros
     (where plain MatMulNBits would be exact for fp32): the kernel rounds each weight as hqq does, so decode rows and
@@ -119,6 +123,10 @@ def test_fp16_and_bf16_layers_keep_hqqs_roundings_on_the_kernel(nbits, group_siz
         expected = x.astype(np.float64) @ weight.T
         bound = 2 * K * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(weight).T)
         assert np.all(np.abs(got - expected) <= bound), rows
+    # decode rows (3 at a time) of unit vectors pick single weights, which must be hqq's bit for bit
+    unit = np.eye(K, dtype=np.float32)
+    picked = np.concatenate([_run(model, unit[k : k + 3], library) for k in range(0, K, 3)])
+    np.testing.assert_array_equal(picked, weight.T.astype(np.float32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -578,6 +578,93 @@ inline void exact_rows(const FastJob& job, int64_t n0) {
   }
 }
 
+// 4-bit codes of fp16 / bf16 layers with weight tables (Problem::weight_tables; AVX2): vpshufb looks up 32 codes
+// per instruction in a group's table of its weights' low bytes and in the one of their high bytes, where exact_rows'
+// float shuffle takes 8 and first builds the group's table. A chunk is 32 bytes of a row (64 codes); its weights
+// come out 8 at a time in table_order's order, and A is permuted alike (fast_gemv).
+constexpr int64_t kTableChunk = 64;
+
+bool table_applies(const Problem& p) {
+#ifdef __AVX2__
+  return p.weight_tables != nullptr;
+#else
+  return false;
+#endif
+}
+
+// Offset in its chunk of the i-th weight table_rows multiplies. The low nibbles (even k) come first, then the high
+// ones; within each, vector v of 8 holds the codes of bytes e that vpunpck{l,h}bw and the widening leave in it.
+template <DType META>
+constexpr int64_t table_order(int64_t i) {
+  const int64_t odd = i / 32, v = (i % 32) / 8, t = i % 8;
+  const int64_t e = META == DType::F16 ? 8 * (v / 2) + 16 * (v % 2) + t                   // vcvtph2ps: 8 in order
+                                       : 8 * (v / 2) + 4 * (v % 2) + (t < 4 ? t : 12 + t);  // vpunpck{l,h}wd: 4 + 4
+  return 2 * e + odd;
+}
+
+#ifdef __AVX2__
+// The 8 fp32 weights of 8 halves (lane 0 of the pair) and of the next 8 (lane 1), in table_order's order.
+template <DType META>
+inline void widen(__m256i halves, __m256& first, __m256& second) {
+  if constexpr (META == DType::F16) {
+    first = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
+    second = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
+  } else {  // bf16 bits are the high half of fp32's
+    first = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), halves));
+    second = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), halves));
+  }
+}
+
+// 32 codes of one nibble of a chunk, looked up and multiplied with their 32 values of A (a).
+template <DType META>
+inline void table_chunk(__m256i low_bytes, __m256i high_bytes, __m256i codes, const float* a, __m256& acc0,
+                        __m256& acc1) {
+  const __m256i low = _mm256_shuffle_epi8(low_bytes, codes), high = _mm256_shuffle_epi8(high_bytes, codes);
+  __m256 w[4];
+  widen<META>(_mm256_unpacklo_epi8(low, high), w[0], w[1]);
+  widen<META>(_mm256_unpackhi_epi8(low, high), w[2], w[3]);
+  acc0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(a), acc0);
+  acc1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(a + 8), acc1);
+  acc0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(a + 16), acc0);
+  acc1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(a + 24), acc1);
+}
+
+template <DType META>
+inline void table_rows(const FastJob& job, int64_t n) {
+  const Problem& p = *job.p;
+  const int64_t groups_per_row = p.K / p.group_size;
+  const int64_t chunks_per_group = p.group_size / kTableChunk;
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  const uint8_t* row = static_cast<const uint8_t*>(p.W) + n * p.row_words;
+  const uint8_t* tables = p.weight_tables + n * groups_per_row * 32;
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* a = job.Ablocks + m * p.K;
+    const uint8_t* bytes = row;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t gi = 0; gi < groups_per_row; ++gi) {
+      const __m256i low = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tables + gi * 32)));
+      const __m256i high = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tables + gi * 32 + 16)));
+      for (int64_t c = 0; c < chunks_per_group; ++c, a += kTableChunk, bytes += 32) {
+        const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+        table_chunk<META>(low, high, _mm256_and_si256(codes, nibble), a, acc[0], acc[1]);
+        table_chunk<META>(low, high, _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble), a + 32, acc[2], acc[3]);
+      }
+    }
+    v8f sum;
+    const __m256 total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    std::memcpy(&sum, &total, sizeof(sum));
+    job.Y[m * p.N + n] = hsum(sum);
+  }
+}
+
+template <DType META>
+void table_task(void* data, size_t task) {
+  const FastJob& job = *static_cast<const FastJob*>(data);
+  const int64_t end = min64(job.p->N, static_cast<int64_t>(task + 1) * kGemvRows);
+  for (int64_t n = static_cast<int64_t>(task) * kGemvRows; n < end; ++n) table_rows<META>(job, n);
+}
+#endif
+
 template <int BITS, DType META>
 void fast_task(void* data, size_t task) {
   constexpr int kPer = codes_per_word(BITS);
@@ -617,6 +704,9 @@ void (*pick_fast_meta(int bits))(void*, size_t) {
 }
 
 void (*pick_fast(const Problem& p))(void*, size_t) {
+#ifdef __AVX2__
+  if (table_applies(p)) return p.meta == DType::F16 ? &table_task<DType::F16> : &table_task<DType::BF16>;
+#endif
   switch (p.meta) {
     case DType::F16:
       return pick_fast_meta<DType::F16>(p.bits);
@@ -653,10 +743,16 @@ bool fast_gemv(const Problem& p, const Runner& runner) {
   // a call to std::ldexp per value cost more than the whole product on SmolLM2's layers
   float weight[9] = {1.f};
   for (int j = 1; prefix && j <= per; ++j) weight[j] = weight[j - 1] / static_cast<float>(1 << p.bits);
+  const bool table = table_applies(p);
   for (int64_t m = 0; m < p.M; ++m) {
     const float* a = A + m * p.K;
     float* out = ablocks + m * p.K;
-    for (int64_t b0 = 0; b0 < p.K; b0 += block) {
+    for (int64_t c0 = 0; table && c0 < p.K; c0 += kTableChunk) {
+      for (int64_t i = 0; i < kTableChunk; ++i) {
+        out[c0 + i] = a[c0 + (p.meta == DType::F16 ? table_order<DType::F16>(i) : table_order<DType::BF16>(i))];
+      }
+    }
+    for (int64_t b0 = 0; !table && b0 < p.K; b0 += block) {
       for (int i = 0; i < 8; ++i) {
         const float* word = a + b0 + i * per;  // the A values of word i's codes
         for (int j = 0; j < per; ++j) {

@@ -427,6 +427,36 @@ uint16_t half_bits(float x, DType dtype) {
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// `bits` of a float16 or bfloat16 value, as a float (exact).
+float half_value(uint16_t bits, DType dtype) {
+  if (dtype == DType::F16) {
+    _Float16 half;
+    std::memcpy(&half, &bits, sizeof(half));
+    return static_cast<float>(half);
+  }
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+// Problem::weight_tables of a 4-bit layer from its scales and zeros in `dtype`: hqq's w = rnd(rnd(q - z) * s) for
+// q = 0..15, each float operation rounded to the dtype as cpu_kernel.cpp's dequant rounds it.
+std::vector<uint8_t> weight_tables(const std::vector<uint16_t>& scales, const std::vector<uint16_t>& zeros,
+                                   DType dtype) {
+  std::vector<uint8_t> tables(zeros.size() * 32);
+  for (size_t g = 0; g < zeros.size(); ++g) {
+    const float zero = half_value(zeros[g], dtype), scale = half_value(scales[g], dtype);
+    for (int q = 0; q < 16; ++q) {
+      const float shifted = half_value(half_bits(static_cast<float>(q) - zero, dtype), dtype);
+      const uint16_t weight = half_bits(shifted * scale, dtype);
+      tables[g * 32 + q] = static_cast<uint8_t>(weight & 0xff);
+      tables[g * 32 + 16 + q] = static_cast<uint8_t>(weight >> 8);
+    }
+  }
+  return tables;
+}
+
 struct CpuKernel {
   static constexpr const char* kProvider = "CPUExecutionProvider";
   const OpSpec* spec;
@@ -437,6 +467,8 @@ struct CpuKernel {
   // layer dequantizes with hqq's two roundings per weight (the zeros come back exactly: the fp32 error of
   // zero_point - correction / scale is far below half a float16 or bfloat16 ulp)
   std::vector<uint16_t> meta_scales, meta_zeros;
+  // 4-bit codes with such meta, groups a multiple of 64: the decode rows' weight tables (32 bytes per group)
+  std::vector<uint8_t> meta_tables;
 
   bool checked() const { return !zeros.empty() || !meta_zeros.empty(); }
 
@@ -451,6 +483,7 @@ struct CpuKernel {
       meta_zeros[g] = half_bits(zeros[g], dtype);
     }
     zeros = std::vector<float>();
+    if (attrs.bits == 4 && attrs.group_size % 64 == 0) meta_tables = weight_tables(meta_scales, meta_zeros, dtype);
   }
 
   std::string run(Ort::KernelContext& ctx, Problem& p) {
@@ -463,6 +496,7 @@ struct CpuKernel {
       p.meta = static_cast<DType>(attrs.compute_dtype);
       p.scale = meta_scales.data();
       p.zero = meta_zeros.data();
+      p.weight_tables = meta_tables.empty() ? nullptr : meta_tables.data();
       p.zero_points = nullptr;
       p.correction = nullptr;
     }

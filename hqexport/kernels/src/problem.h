@@ -49,6 +49,10 @@ struct Problem {
   DType lora_dtype = DType::F32;
   const int64_t* lora_columns = nullptr;  // [2 * lora_segments]
   int64_t lora_segments = 0, lora_rank = 0;
+  // 4-bit codes of a float16 / bfloat16 layer (HQQMatMulNBits with compute_dtype, groups a multiple of 64): per
+  // group, the low bytes of the weights of codes 0..15 in that dtype, then their high bytes (32 bytes), computed
+  // when the kernel is created (custom_op.cpp's weight_tables); null where there are none.
+  const uint8_t* weight_tables = nullptr;
   // hqexport::HalfMatMul (ops/half.py): W is a plain [N, K] matrix of this dtype (F16 or BF16), no codes.
   DType half_dtype = DType::F16;
 };
