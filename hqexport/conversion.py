@@ -159,11 +159,17 @@ def convert(
         library, kernels_error = _find_kernels(steps, with_kernels, ops)
         # the compiled kernel will run the layers (HQQMatMulNBits: ops/nbits.py; exactly at accuracy level 0)
         fp32_kernel = ops == "auto" and dtype == "fp32" and library is not None
-        head, half_head = None, None
+        head, half_head, grid = None, None, None
         tied = config.tie_word_embeddings
         if choice.lossy:
             with steps(f"Quantizing the lm_head with hqq (--lm-head {lm_head}, lossy)"):
                 head = quantize_head(qmodel, tied, choice)
+            if dtype == "fp32":  # the rows the shortlist rescores, and a tied embedding, in their smallest exact form
+                with steps("Checking whether the fp lm_head is an exact int8 grid, or float16 / bfloat16 values"):
+                    grid = exact_int8_head(qmodel, tied)
+                    half_head = exact_half_head(qmodel, tied) if grid is None else None
+            rows = EXACT_INT8_HEAD.format if grid is not None else HALF_HEAD_FORMATS.get(half_head, dtype)
+            choice = dataclasses.replace(choice, rows=rows)
         elif choice.format == "fp32" and fp32_kernel:
             with steps("Checking whether the fp lm_head is an exact int8 grid, or float16 / bfloat16 values"):
                 head = exact_int8_head(qmodel, tied)
@@ -182,7 +188,7 @@ def convert(
             )
         with steps(f"Building the decoder graph (opset {opset})"):
             graph = build_decoder(qmodel, config, io, opset=opset, own_outputs=set() if fused_lora else targets, head=head,
-                                  shortlist=choice.shortlist, half_head=half_head)
+                                  shortlist=choice.shortlist, half_head=half_head, grid=grid)
         layers = dict(graph.layers)  # each layer's node and op, updated below by lowering and adapters
         adapter_export = None
         if targets and not fused_lora:

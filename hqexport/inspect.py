@@ -246,9 +246,11 @@ def _adapters_table(adapters: list[dict[str, Any]] | dict[str, Any]):
 
 
 def _head_text(head: dict[str, Any]) -> str:
-    """The manifest's model.lm_head in a few words: its format, the op computing it, whether the embedding shares it."""
+    """The manifest's model.lm_head in a few words: its format, the op computing it, whether the embedding shares it,
+    a lossy head's shortlist."""
     details = [head["op"]] if head.get("op") else []
     details += ["the embedding reads it too"] if head.get("shared_with_embedding") else []
+    details += [f"{head['shortlist']} logits rescored from {head.get('rows', 'fp32')} rows"] if head.get("shortlist") else []
     return head.get("format", "") + (f" ({', '.join(details)})" if details else "")
 
 

@@ -57,6 +57,21 @@ def assert_embedding_gathers(out: Path, table: np.ndarray, embedded: str) -> Non
     np.testing.assert_array_equal(got[0], table[ids[0]])
 
 
+def assert_shortlist_rows(out: Path, table: np.ndarray) -> None:
+    """The rows that the exported folder's lossy head rescores are `table`'s rows of its shortlisted tokens, bit for
+    bit, for the ids 3, 17 and the last one."""
+    from hqexport.validation.blocks import with_extra_outputs
+    from hqexport.validation.onnx_session import OnnxDecoder
+
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    nodes = {node.name: node for node in model.graph.node}
+    tokens, rows = nodes["/lm_head/shortlist/TopK"].output[1], nodes["/lm_head/shortlist/MatMul"].input[0]
+    vocab, hidden = table.shape
+    decoder = OnnxDecoder(out, "cpu", model=with_extra_outputs(model, [tokens, rows], 1))
+    step = decoder.step(np.array([[3, 17, vocab - 1]]), decoder.empty_cache(1, 2, hidden // 4))
+    np.testing.assert_array_equal(step.extras[rows], table[step.extras[tokens]])
+
+
 def assert_validates_as_exact(out: Path) -> None:
     """validate passes on a short run, its logits judged as an exact export's (not by top-1 agreement)."""
     from hqexport.validation import validate

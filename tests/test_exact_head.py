@@ -22,7 +22,7 @@ from hqexport.read.source import read_source
 from hqexport.sample import build_sample_model, save_hqq_pickle
 from hqexport.validation.blocks import with_extra_outputs
 from hqexport.validation.onnx_session import OnnxDecoder
-from tests.conftest import FORMATS, assert_embedding_gathers, assert_validates_as_exact
+from tests.conftest import FORMATS, assert_embedding_gathers, assert_shortlist_rows, assert_validates_as_exact
 
 
 def q8_0_grid(table: np.ndarray) -> np.ndarray:
@@ -133,3 +133,21 @@ def test_the_grid_needs_the_library_and_the_exact_lowering(grid_source, tmp_path
     assert json.loads((out / "hqexport.json").read_text())["model"]["lm_head"] == {"format": "fp32", "lossy": False}
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert "model.embed_tokens.weight" in {t.name for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_lossy_head_rescores_its_shortlist_from_the_grid(grid_source, tmp_path, tied):
+    """--lm-head int4 draws the shortlist; the fp rows it rescores (and a tied embedding's) come from the int8 grid,
+    the same values in a quarter of the fp table's bytes, which is no longer in the file."""
+    source = grid_source(tied)
+    key = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    table = read_source(source).tensors[key].float().numpy()
+    out = tmp_path / "out"
+    convert(source, out, progress=False, lm_head="int4")
+    head = json.loads((out / "hqexport.json").read_text())["model"]["lm_head"]
+    assert head["format"] == "int4" and head["rows"] == "int8-exact"
+    initializers = {t.name: t for t in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
+    assert key not in initializers
+    assert_shortlist_rows(out, table)
+    if tied:
+        assert_embedding_gathers(out, table, "/model/embed_tokens/GatherBlockQuantized/output_0")

@@ -20,10 +20,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hqexport.conversion import convert
 from hqexport.lower import exact_half_head
+from hqexport.lower.lm_head import HALF_HEAD_FORMATS
 from hqexport.ops import attach_function, register_schema
 from hqexport.read.source import read_source
 from hqexport.sample import build_sample_model, save_hqq_pickle
-from tests.conftest import FORMATS, assert_embedding_gathers, assert_validates_as_exact
+from tests.conftest import FORMATS, assert_embedding_gathers, assert_shortlist_rows, assert_validates_as_exact
 
 HALF_DTYPES = {"float16": (np.float16, TensorProto.FLOAT16), "bfloat16": (ml_dtypes.bfloat16, TensorProto.BFLOAT16)}
 
@@ -142,3 +143,21 @@ def test_the_half_head_needs_the_library_and_the_fp32_choice(half_source, tmp_pa
     head = json.loads((out / "hqexport.json").read_text())["model"]["lm_head"]
     assert head["format"] == options.get("lm_head", "fp32")
     assert not any(n.op_type == "HalfMatMul" for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
+
+
+@pytest.mark.parametrize(("tied", "dtype"), [(True, torch.float16), (False, torch.bfloat16)])
+def test_a_lossy_head_rescores_its_shortlist_from_the_half_table(half_source, tmp_path, tied, dtype):
+    """--lm-head int4 draws the shortlist; the fp rows it rescores (and a tied embedding's) come from the table
+    stored in its half dtype, widened exactly."""
+    source = half_source(tied, dtype)
+    key = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    table = read_source(source).tensors[key].float().numpy()
+    out = tmp_path / "out"
+    convert(source, out, progress=False, lm_head="int4")
+    head = json.loads((out / "hqexport.json").read_text())["model"]["lm_head"]
+    assert head["format"] == "int4" and head["rows"] == HALF_HEAD_FORMATS[dtype]
+    initializers = {t.name: t for t in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
+    assert initializers[key].data_type == (TensorProto.FLOAT16 if dtype == torch.float16 else TensorProto.BFLOAT16)
+    assert_shortlist_rows(out, table)
+    if tied:
+        assert_embedding_gathers(out, table, "/model/embed_tokens/Cast/output_0")

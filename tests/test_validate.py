@@ -186,7 +186,8 @@ def test_lm_head_int4_is_hqq_quantized_recorded_and_measured(hqq_source, tmp_pat
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "hqexport.json").read_text())
     qmodel = read_source(source)
-    head_entry = {"format": "int4", "lossy": True, "group_size": HEAD_GROUP_SIZE, "op": "hqexport.HQQMatMulNBits", "shortlist": SHORTLIST}
+    head_entry = {"format": "int4", "lossy": True, "group_size": HEAD_GROUP_SIZE, "op": "hqexport.HQQMatMulNBits", "shortlist": SHORTLIST,
+                  "rows": "fp32"}  # random fp32 values: no smaller form holds them
     assert manifest["model"]["lm_head"] == {**head_entry, **({"shared_with_embedding": False} if tied else {})}
     assert manifest["model"]["lossy"] == ["lm_head int4"]
     assert "lm_head" not in manifest["layers"]

@@ -80,6 +80,7 @@ def build_decoder(
     head: QuantizedLinear | None = None,
     shortlist: int | None = None,
     half_head: torch.dtype | None = None,
+    grid: QuantizedLinear | None = None,
 ) -> DecoderGraph:
     """The decoder graph of `qmodel`; the layers in `own_outputs` (adapter targets) get an output value of their
     own (`LayerNode.output`: their part of a packed node's output, split off).
@@ -87,10 +88,12 @@ def build_decoder(
     head: an HQQ layer computing lm_head in place of the fp head (convert --lm-head, lower/lm_head.py).
     shortlist: with `head`, recompute that many of its largest logits per position from the fp head's rows.
     half_head: torch.float16 or torch.bfloat16, a dtype that holds every value of the fp head (lower/lm_head.py's
-    exact_half_head): the head is stored in it and computed by hqexport.HalfMatMul (ops/half.py), and a tied
-    embedding reads the same table.
+    exact_half_head): the fp head's table is stored in it, and a tied embedding reads the same table; without a
+    shortlist the head is computed from it by hqexport.HalfMatMul (ops/half.py).
+    grid: with a shortlist, the fp head's values as an exact int8 grid (lower/lm_head.py's exact_int8_head): the
+    rows it rescores, and a tied embedding's, are gathered from the grid (GatherBlockQuantized) instead of a fp table.
     """
-    builder = _Builder(qmodel, config, io, opset, set(own_outputs), head, shortlist, half_head)
+    builder = _Builder(qmodel, config, io, opset, set(own_outputs), head, shortlist, half_head, grid)
     return DecoderGraph(builder.build(), builder.layers)
 
 
@@ -98,10 +101,14 @@ class _Builder:
     def __init__(
         self, qmodel: QuantizedModel, config: transformers.PretrainedConfig, io: DecoderIO, opset: int, own_outputs: set[str],
         head: QuantizedLinear | None, shortlist: int | None, half_head: torch.dtype | None = None,
+        grid: QuantizedLinear | None = None,
     ) -> None:
         self.qmodel, self.config, self.io, self.own_outputs = qmodel, config, io, own_outputs
         self.half_head = numpy_dtype(half_head) if half_head is not None else None
         self.shortlist = shortlist if head is not None else None
+        self.grid = grid if self.shortlist else None
+        # the fp head's table: the embedding's when tied
+        self.head_table = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         self.quantized = {**qmodel.linears, **({head.name: head} if head is not None else {})}
         self.arch = architecture(config)
         self.act = numpy_dtype(io.dtype)
@@ -203,13 +210,7 @@ class _Builder:
         return self.constant("cos_cache", cos.astype(self.act)), self.constant("sin_cache", sin.astype(self.act))
 
     def embeddings(self, input_ids: ir.Value) -> ir.Value:
-        if self.half_head is not None and self.config.tie_word_embeddings:  # the head's table, its rows widened
-            table = self.half_table("model.embed_tokens.weight")
-            rows = self.op("Gather", [table, input_ids], name="/model/embed_tokens/Gather", dtype=table.dtype)
-            hidden = self.op("Cast", [rows], name="/model/embed_tokens/Cast", to=ir.DataType.from_numpy(self.act))
-        else:
-            table = self.fp_tensor("model.embed_tokens.weight")
-            hidden = self.op("Gather", [table, input_ids], name="/model/embed_tokens/Gather")
+        hidden = self.table_rows("model.embed_tokens.weight", input_ids, "/model/embed_tokens")
         if self.arch.scale_embeddings:  # Gemma: in the activation dtype, as transformers rounds it
             scale = self.constant("/model/embed_tokens/scale", np.array(embedding_scale(self.config), self.act))
             hidden = self.op("Mul", [hidden, scale], name="/model/embed_tokens/Mul")
@@ -291,40 +292,64 @@ class _Builder:
     def split(self, x: ir.Value, sizes: list[int], name: str) -> list[ir.Value]:
         return list(self.op("Split", [x, self.constant(f"{name}/sizes", np.array(sizes, np.int64))], axis=-1, outputs=len(sizes), name=name))
 
+    def table_rows(self, key: str, ids: ir.Value, name: str) -> ir.Value:
+        """Rows `ids` of the fp table `key` in the activation dtype, read from the form the table is stored in: the
+        fp head's exact int8 grid or half dtype where it has one, else the fp tensor; all the same values."""
+        if key == self.head_table and self.grid is not None:
+            codes, scales, zero_points = self.grid_tensors()
+            return self.op("GatherBlockQuantized", [codes, ids, scales, zero_points], domain=MS_DOMAIN,
+                           name=f"{name}/GatherBlockQuantized", bits=8, block_size=self.grid.fmt.group_size,
+                           quantize_axis=1, gather_axis=0)
+        if key == self.head_table and self.half_head is not None:
+            table = self.half_table(key)
+            rows = self.op("Gather", [table, ids], name=f"{name}/Gather", dtype=table.dtype)
+            return self.op("Cast", [rows], name=f"{name}/Cast", to=ir.DataType.from_numpy(self.act))
+        table = self.graph.initializers[key] if key in self.graph.initializers else self.fp_tensor(key)
+        return self.op("Gather", [table, ids], name=f"{name}/Gather")
+
     def half_table(self, key: str) -> ir.Value:
         """The fp tensor `key` stored in the half head's dtype, which holds its values exactly."""
+        if key in self.graph.initializers:
+            return self.graph.initializers[key]
         tensor = self.qmodel.tensors[key]
         return self.weight(key, self.half_head, tuple(tensor.shape), lambda: tensor_to_numpy(tensor).astype(self.half_head))
 
+    def grid_tensors(self) -> list[ir.Value]:
+        """The int8 grid as GatherBlockQuantized reads it: codes [vocab, hidden], scales and zero points
+        [vocab, hidden / block]."""
+        names = [f"{self.head_table}.grid_{part}" for part in ("codes", "scales", "zero_points")]
+        if names[0] in self.graph.initializers:
+            return [self.graph.initializers[name] for name in names]
+        grid = self.grid
+        vocab, hidden = grid.shape
+        blocks = (vocab, hidden // grid.fmt.group_size)
+        return [
+            self.weight(names[0], np.dtype(np.uint8), (vocab, hidden), lambda: grid.packed.reshape(vocab, hidden).numpy()),
+            self.weight(names[1], self.act, blocks, lambda: tensor_to_numpy(grid.scale).reshape(blocks).astype(self.act)),
+            self.weight(names[2], np.dtype(np.uint8), blocks, lambda: tensor_to_numpy(grid.zero).reshape(blocks).astype(np.uint8)),
+        ]
+
     def lm_head(self, x: ir.Value) -> ir.Value:
+        if self.shortlist:
+            return self.rescored(self.linear("lm_head", x), x)
         if self.half_head is not None:
-            tied = self.config.tie_word_embeddings
-            table = self.graph.initializers["model.embed_tokens.weight"] if tied else self.half_table("lm_head.weight")
+            table = self.half_table(self.head_table)
             vocab, hidden = table.shape
             return self.op(HALF_OP_TYPE, [x, table], domain=DOMAIN, name="/lm_head/HalfMatMul", N=vocab, K=hidden)
-        if self.shortlist:
-            return self.rescored(self.linear("lm_head", x), x, self.fp_head_rows())
         if not self.config.tie_word_embeddings or "lm_head" in self.quantized:
             return self.linear("lm_head", x)
         table = self.graph.initializers["model.embed_tokens.weight"]  # tied: the embedding read as [hidden, vocab]
         transposed = self.op("Transpose", [table], perm=[1, 0], name="/lm_head/Transpose")
         return self.op("MatMul", [x, transposed], name="/lm_head/MatMul")
 
-    def fp_head_rows(self) -> ir.Value:
-        """The fp head [vocab, hidden] in the activation dtype: the embedding's table when tied."""
-        if self.config.tie_word_embeddings:
-            return self.graph.initializers["model.embed_tokens.weight"]
-        weight = self.qmodel.tensors["lm_head.weight"]
-        return self.weight("lm_head.weight", self.act, tuple(weight.shape), lambda: tensor_to_numpy(weight).astype(self.act))
-
-    def rescored(self, logits: ir.Value, x: ir.Value, rows: ir.Value) -> ir.Value:
-        """`logits` with the shortlist's entries (its largest per position) recomputed as rows[token] . x."""
+    def rescored(self, logits: ir.Value, x: ir.Value) -> ir.Value:
+        """`logits` with the shortlist's entries (its largest per position) recomputed as fp head row . x."""
         name = "/lm_head/shortlist"
         count = self.constant(f"{name}/k", np.array([min(self.shortlist, self.config.vocab_size)], np.int64))
         _, tokens = self.op("TopK", [logits, count], axis=-1, outputs=2, name=f"{name}/TopK")
         tokens.type = ir.TensorType(ir.DataType.INT64)
         last = self.constant(f"{name}/last_axis", np.array([-1], np.int64))
-        gathered = self.op("Gather", [rows, tokens], axis=0, name=f"{name}/Gather")  # [batch, sequence, k, hidden]
+        gathered = self.table_rows(self.head_table, tokens, name)  # [batch, sequence, k, hidden]
         column = self.op("Unsqueeze", [x, last], name=f"{name}/Unsqueeze")  # [batch, sequence, hidden, 1]
         exact = self.op("Squeeze", [self.op("MatMul", [gathered, column], name=f"{name}/MatMul"), last], name=f"{name}/Squeeze")
         return self.op("ScatterElements", [logits, tokens, exact], axis=-1, name=f"{name}/ScatterElements")

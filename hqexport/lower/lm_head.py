@@ -11,8 +11,9 @@ The quantized head only draws a shortlist: the `SHORTLIST` tokens with the large
 their logits recomputed from the exact fp rows (export/graph.py: TopK, Gather, MatMul, ScatterElements), so
 greedy decoding and top-k sampling see exact logits unless the best token falls outside the shortlist (on
 SmolLM2 the int4 head (group 64) ranked the exact top-1 token 4th at worst on validate's texts, and its plain
-top-1 agreement was 61%). The fp table stays in the file for that and for the embedding lookup; a decode step reads the
-quantized table plus SHORTLIST rows of it.
+top-1 agreement was 61%). The fp table stays in the file for that and for the embedding lookup, in the smallest
+form that holds it exactly (`rows`: the int8 grid or a half dtype below, read by GatherBlockQuantized or Gather and
+Cast), and a decode step reads the quantized table plus SHORTLIST rows of it.
 
 An fp head that is exactly an int8 grid (int8 codes times one scale per 32 inputs: what GGUF's Q8_0 stores, so
 what a model read from such a file holds) is stored as that grid under the default `fp32` when the folder ships
@@ -66,6 +67,7 @@ class HeadChoice:
     op: str | None = None  # the op computing a quantized head (--lm-head int8/int4), the exact int8 grid or a half-width head
     shared_with_embedding: bool | None = None  # a tied embedding reads the quantized head's table
     shortlist: int | None = None  # a lossy head: this many logits per position recomputed from the exact rows
+    rows: str | None = None  # a shortlist: how the fp rows it rescores are stored ("int8-exact", "fp16-exact", ... or "fp32")
 
     def to_json(self) -> dict:
         return {key: value for key, value in self.__dict__.items() if value is not None}
