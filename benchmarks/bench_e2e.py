@@ -22,7 +22,8 @@ a `--prompt`-token prompt, then `--decode` cached steps, each timed (tok/s = 1 /
 interleaved (all variants once, then all again), and the table shows each timing's median over the rounds, so a
 slow spell of the shared machine lands on every variant rather than on one. PyTorch with hqq's HQQLinear layers
 (`pytorch-hqq`) gives the reference tokens: "same tokens" counts equal greedy tokens, position by position.
-The lossy variants are also validated (`hqexport validate`: top-1 agreement and perplexity against PyTorch-hqq).
+The variants whose manifest lists lossy choices are also validated (`hqexport validate`: top-1 agreement and perplexity
+against PyTorch-hqq).
 Only ratios within one run are compared: the machines are shared and their speed moves by 2x between runs.
 """
 
@@ -49,6 +50,8 @@ from generate import Decoder, greedy
 from rich.console import Console
 from rich.table import Table
 
+from hqexport.files import MANIFEST_FILE
+
 if TYPE_CHECKING:
     from hqexport.model import QuantizedModel
 
@@ -60,12 +63,11 @@ VARIANTS = {
     "builder-int4": ("builder -p int4 defaults (accuracy_level 4, block 32)", ("builder", "-p int4")),
     "hqexport-fp32": ("hqexport graph, dequantized fp32 weights", ("convert-fp32", [])),
     "hqexport": ("hqexport convert (default: exact, kernels library in the folder)", ("convert", [])),
-    "hqexport-portable": ("convert --no-kernels (exact, stock onnxruntime ops)", ("convert", ["--no-kernels"])),
+    "hqexport-portable": ("convert --no-kernels (stock onnxruntime ops: exact for float32 layers)", ("convert", ["--no-kernels"])),
     "hqexport-kernels": ("convert --ops hqq (exact, HQQMatMul kernels)", ("convert", ["--ops", "hqq", "--with-kernels"])),
     "hqexport-fast": ("convert --accuracy-level 4 --lm-head int8 (lossy)", ("convert", ["--accuracy-level", "4", "--lm-head", "int8"])),
     "hqexport-fast-int4": ("convert --accuracy-level 4 --lm-head int4 (lossy)", ("convert", ["--accuracy-level", "4", "--lm-head", "int4"])),
 }
-LOSSY = ("hqexport-fast", "hqexport-fast-int4")
 SUBJECT = "hqexport"
 #: (what, subject, baseline, metric, required ratio baseline / subject of the metric's time, or a bound)
 TARGETS = [
@@ -301,13 +303,18 @@ def run_variant(spec: dict) -> dict:
 
 
 def graph_facts(folder: Path) -> dict:
-    """Nodes per decoder layer (all nodes / layers) and file bytes of an ONNX folder."""
+    """Nodes per decoder layer (all nodes / layers) and file bytes of an ONNX folder; an hqexport folder's lossy
+    choices (its manifest's model.lossy)."""
     import onnx
 
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     layers = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"]
     files = [p for p in folder.iterdir() if p.name.startswith("model.onnx")]
-    return {"nodes": len(model.graph.node), "nodes_per_layer": len(model.graph.node) / layers, "file_bytes": sum(p.stat().st_size for p in files)}
+    facts = {"nodes": len(model.graph.node), "nodes_per_layer": len(model.graph.node) / layers, "file_bytes": sum(p.stat().st_size for p in files)}
+    manifest = folder / MANIFEST_FILE
+    if manifest.is_file():
+        facts["lossy"] = json.loads(manifest.read_text())["model"]["lossy"]
+    return facts
 
 
 def build(
@@ -426,7 +433,7 @@ def benchmark(args: argparse.Namespace, work: Path, selected: list[str], out: Pa
         if variant in built["variants"]:
             results[variant]["build_seconds"] = built["variants"][variant]["seconds"]
             results[variant]["build_peak_mib"] = built["variants"][variant]["process_peak_mib"]
-        if variant in LOSSY and not args.no_validate:
+        if results[variant].get("lossy") and not args.no_validate:
             results[variant]["validate"] = run_task({"task": "validate", "variant": variant, "path": str(path)}, work)
 
     rows = table_rows(results)
@@ -488,7 +495,7 @@ def table_rows(results: dict[str, dict]) -> list[dict]:
         rows.append({
             "variant": variant,
             "what": VARIANTS[variant][0],
-            "exact": "no" if variant in LOSSY or variant.startswith("builder-int4") else "yes",
+            "exact": "no" if result.get("lossy") or variant.startswith("builder-int4") else "yes",
             "decode tok/s ort": 1e3 / result["decode_ms"],
             "decode tok/s genai": 1e3 / genai if genai else None,
             "vs builder-int4-acc1": baseline / result["decode_ms"] if baseline else None,

@@ -230,7 +230,7 @@ def convert(
         architecture = config.architectures[0] if config.architectures else qmodel.architecture
         manifest = build_manifest(
             qmodel, io, layers, architecture=architecture, dtype=dtype, opset=opset, outputs=outputs,
-            adapters=adapter_manifest, lm_head=choice.to_json(),
+            adapters=adapter_manifest, lm_head=choice.to_json(), kernels=shipped is not None,
         )
         manifest.write(staging)
         onnx_bytes = sum((staging / name).stat().st_size for name in outputs if name in (MODEL_FILE, DATA_FILE))

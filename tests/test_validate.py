@@ -26,6 +26,7 @@ from hqexport.conversion import convert
 from hqexport.errors import HQExportError
 from hqexport.formats import unpack_canonical
 from hqexport.formats.dequant import tensor_to_numpy
+from hqexport.kernels.build import LIBRARY_NAME
 from hqexport.lower.lm_head import HEAD_GROUP_SIZE, SHORTLIST
 from hqexport.ops import op_inputs
 from hqexport.read.live import read_live_model
@@ -427,13 +428,31 @@ def test_accuracy_level_1_is_lossy_only_for_half_compute_layers(hqq_source, tmp_
     assert any("lossy export (accuracy_level 1)" in note for note in report.notes) == bool(lossy)
 
 
+@pytest.mark.parametrize("options", [{"ops": "ort"}, {"with_kernels": False}])
 @pytest.mark.parametrize(("dtype", "lossy"), [(torch.float16, ["MatMulNBits weights in fp32 for float16 / bfloat16 layers"]), (torch.float32, [])])
-def test_ops_ort_is_lossy_only_for_half_compute_sources(hqq_source, tmp_path, dtype, lossy):
-    """Stock MatMulNBits cannot round a float16 layer's weights as hqq does: --ops ort lists that as lossy, and
-    validate measures it instead of requiring hqq's result; for a float32 source it is HQQ's layer."""
+def test_matmulnbits_arithmetic_is_lossy_only_for_half_compute_sources(hqq_source, tmp_path, dtype, lossy, options, library):
+    """Stock MatMulNBits (--ops ort), and the HQQMatMulNBits function body that a folder without the kernels runs,
+    cannot round a float16 layer's weights as hqq does: the manifest lists that as lossy, and validate (which runs
+    the folder as shipped, here without the library although it is built) measures it instead of requiring hqq's
+    result; for a float32 source it is HQQ's layer."""
     out = tmp_path / "out"
-    convert(hqq_source("llama", "pickle", compute_dtype=dtype, **FORMATS["4bit"]), out, progress=False, ops="ort")
+    convert(hqq_source("llama", "pickle", compute_dtype=dtype, **FORMATS["4bit"]), out, progress=False, **options)
     assert json.loads((out / "hqexport.json").read_text())["model"]["lossy"] == lossy
     report = validate(out, **QUICK)
     assert report.passed, [(c.name, c.message) for c in report.checks if not c.passed]
     assert any("lossy export (MatMulNBits weights in fp32" in note for note in report.notes) == bool(lossy)
+    if "with_kernels" in options:
+        assert "hqexport ops ran as their ONNX function body" in report.notes
+
+
+def test_validate_runs_the_kernels_the_folder_ships(source, tmp_path, library):
+    """validate registers the library in the folder (what its users run), not the one built on this machine."""
+    out = tmp_path / "out"
+    convert(source, out, progress=False)
+    report = validate(out, **QUICK)
+    assert f"hqexport ops ran on the compiled kernels {out / LIBRARY_NAME}" in report.notes
+    elsewhere = tmp_path / "elsewhere"  # a new path: the process keeps the library it loaded from `out`
+    shutil.copytree(out, elsewhere)
+    (elsewhere / LIBRARY_NAME).write_bytes(b"not a library")  # as one built for another platform
+    with pytest.raises(HQExportError, match="kernels library does not load on this machine"):
+        validate(elsewhere, **QUICK)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hqexport.errors import HQExportError
 from hqexport.files import MANIFEST_FILE
-from hqexport.ops.schema import HQQ_OP
+from hqexport.ops.schema import DOMAIN
 from hqexport.sample import corpus_text
 from hqexport.validation.adapters import adapt_reference, check_adapter
 from hqexport.validation.checks import PERPLEXITY_TOKENS, Context, check_blocks, check_generation, check_logits, check_perplexity, check_weights
@@ -113,7 +113,7 @@ def validate(
         lossy=list(exported.manifest.model.lossy),
     )
     kernels = onnx_model.kernels
-    if any(entry.op == HQQ_OP for entry in exported.layers.values()):
+    if any(entry.op.startswith(f"{DOMAIN}.") for entry in exported.layers.values()):
         notes.append(f"hqexport ops ran on the compiled kernels {kernels}" if kernels else "hqexport ops ran as their ONNX function body")
     if ctx.lossy:
         notes.append(

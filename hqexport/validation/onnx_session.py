@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from hqexport.errors import HQExportError
 from hqexport.files import MODEL_FILE
-from hqexport.kernels import register as register_kernels
+from hqexport.kernels import register_shipped
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -48,7 +48,8 @@ class OnnxDecoder:
     def __init__(self, folder: Path, provider: str, model: onnx.ModelProto | None = None) -> None:
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.kernels = register_kernels(options)  # None: hqexport ops run as their ONNX function body
+        # what the folder's users run: its own kernels library, or (None) the hqexport ops' ONNX function bodies
+        self.kernels = register_shipped(folder, options)
         if model is None:
             source: str | bytes = str(folder / MODEL_FILE)
         else:  # an edited copy of the graph; its external data still lives in `folder`

@@ -12,7 +12,8 @@ from hqexport.export.decoder import DecoderIO
 from hqexport.export.graph import LayerNode
 from hqexport.manifest import LayerEntry, Manifest, ModelInfo, SourceInfo
 from hqexport.model import QuantizedModel
-from hqexport.ops.schema import MS_DOMAIN
+from hqexport.ops.nbits import OP_TYPE as NBITS_OP_TYPE
+from hqexport.ops.schema import DOMAIN, MS_DOMAIN
 
 _LIBRARIES = ("torch", "hqq", "transformers", "onnx", "onnxruntime")
 
@@ -40,6 +41,13 @@ def _lossy_level(level: int, compute_dtype: Any) -> bool:
     return level == 4 or (level == 1 and _dtype_name(compute_dtype) != "float32")
 
 
+def _fp32_weights(op: str, kernels: bool) -> bool:
+    """Whether a layer's `op` computes its weights as MatMulNBits does, in fp32, without a float16 / bfloat16
+    layer's roundings: stock MatMulNBits (--ops ort), or an HQQMatMulNBits node in a folder without the kernels
+    library, which runs its function body (MatMulNBits) instead."""
+    return op == STOCK_NBITS_OP or (not kernels and op.startswith(f"{DOMAIN}.{NBITS_OP_TYPE}"))
+
+
 def build_manifest(
     qmodel: QuantizedModel,
     io: DecoderIO,
@@ -51,13 +59,15 @@ def build_manifest(
     outputs: dict[str, str],
     adapters: dict[str, dict[str, Any]],
     lm_head: dict[str, Any],
+    kernels: bool = True,
 ) -> Manifest:
     """The manifest of an export.
 
     layers: where each of the source's quantized layers is in the graph; outputs: each written file (path relative
     to the folder) -> sha256; adapters: the adapters section; lm_head: how the head is stored (lower/lm_head.py
-    HeadChoice). model.lossy lists every choice that departs from the source's exact result (validate then
-    measures the loss instead of requiring exactness): an accuracy level only where it changes a layer's result.
+    HeadChoice); kernels: whether the folder ships the kernels library. model.lossy lists every choice that departs
+    from the source's exact result (validate then measures the loss instead of requiring exactness): an accuracy
+    level only where it changes a layer's result.
     """
     lossy_levels = {
         layers[path].lowering.accuracy_level
@@ -66,8 +76,8 @@ def build_manifest(
     }
     lossy = [f"accuracy_level {level}" for level in sorted(lossy_levels)]
     if dtype == "fp32" and any(
-        layers[path].op == STOCK_NBITS_OP and _dtype_name(layer.compute_dtype) != "float32" for path, layer in qmodel.linears.items()
-    ):  # --ops ort: stock MatMulNBits computes a float16 / bfloat16 layer's weights in fp32, without hqq's roundings
+        _fp32_weights(layers[path].op, kernels) and _dtype_name(layer.compute_dtype) != "float32" for path, layer in qmodel.linears.items()
+    ):
         lossy.append("MatMulNBits weights in fp32 for float16 / bfloat16 layers")
     if lm_head.get("lossy"):
         lossy.append(f"lm_head {lm_head['format']}" + (" (the tied embedding too)" if lm_head.get("shared_with_embedding") else ""))
