@@ -109,7 +109,7 @@ def inspect(path: Path, as_json: bool) -> None:
     default="0",
     show_default=True,
     help="accuracy_level of the layers' nodes (MatMulNBits' attribute). 0: HQQ's arithmetic, exact. 1: weights "
-    "computed in fp32, without hqq's rounding of each one to a float16 / bfloat16 compute dtype: about 2x faster "
+    "computed in fp32, without hqq's rounding of each one to a float16 / bfloat16 compute dtype: about 1.25x faster "
     "decode for such layers, lossy for them (the same as 0 for float32 ones). 4: activations quantized to int8 per "
     "block of 16 for decode rows of 2- and 4-bit layers: faster decode on CPU, but no longer HQQ's result. validate "
     "reports how far a lossy level moved.",
@@ -121,7 +121,8 @@ def inspect(path: Path, as_json: bool) -> None:
     "genai_config.json, so onnxruntime (once registered) and onnxruntime-genai run each hqexport op as one fast "
     "kernel. Default: yes when the graph has hqexport ops and the library builds on this machine. The library is "
     "for this OS, CPU family and onnxruntime: --no-kernels for a folder that goes elsewhere (web, mobile, another "
-    "OS), where the ops run as their ONNX function bodies (stock onnxruntime ops).",
+    "OS), where the ops run as their ONNX function bodies (stock onnxruntime ops: exact for float32 layers, lossy "
+    "for float16 / bfloat16 ones, which MatMulNBits computes in fp32).",
 )
 @click.option(
     "--lm-head",
@@ -133,7 +134,7 @@ def inspect(path: Path, as_json: bool) -> None:
     "sources), else float16 or bfloat16 (checkpoints stored in those dtypes). int8 / int4: "
     "requantize it with hqq (group 64, its default) to pick 32 candidate tokens per position whose logits are then recomputed "
     "from the fp rows (lossy; faster decode: the head is most of what a small model's decode step reads; the fp "
-    "table stays in the file). validate measures the loss.",
+    "table stays in the file, in the smallest of those forms that holds it). validate measures the loss.",
 )
 @click.option("--dtype", type=click.Choice(options.DTYPES), default="fp32", show_default=True, help="dtype of activations and fp weights.")
 @click.option("--opset", type=int, help="ONNX opset (default 20; 18-23).")
