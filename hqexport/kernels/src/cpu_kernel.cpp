@@ -529,7 +529,8 @@ inline void fast_rows(const FastJob& job, int64_t n0) {
 // blocks are dequantized instead, in registers, and multiplied with A permuted alike; no buffer, no pass over
 // memory of their own. Codes of at most 4 bits take a group's few possible weights from a table: dequant of the
 // codes 0..15 on 8 lanes (the reference's roundings) once per group, then one shuffle per 8 codes, where rounding
-// every weight costs four conversions (the slowest part of this path).
+// every weight costs four conversions. 4-bit layers whose kernel keeps those weights (Problem::weight_tables)
+// take table_rows instead, which skips the per-call build, half of this path's time.
 template <typename Word, int BITS, int PER, DType META, int R>
 inline void exact_rows(const FastJob& job, int64_t n0) {
   const Problem& p = *job.p;
@@ -681,7 +682,7 @@ void fast_task(void* data, size_t task) {
 }
 
 // The block paths apply: the factorized one for the fp32 compute dtype, dequantization in registers for fp16 /
-// bf16 (exact_rows). fp16 activations keep the dequantize-then-dot path.
+// bf16 (table_rows with weight tables, else exact_rows). fp16 activations keep the dequantize-then-dot path.
 bool fast_applies(const Problem& p) {
   const int64_t block = 8 * codes_per_word(p.bits);
   return p.M < 4 && p.axis == 1 && p.act == DType::F32 && p.K % p.group_size == 0 && p.group_size % block == 0;
