@@ -583,7 +583,7 @@ inline void exact_rows(const FastJob& job, int64_t n0) {
 // per instruction in a group's table of its weights' low bytes and in the one of their high bytes, where exact_rows'
 // float shuffle takes 8 and first builds the group's table. A chunk is 32 bytes of a row (64 codes); its weights
 // come out 8 at a time in table_order's order, and A is permuted alike (fast_gemv).
-constexpr int64_t kTableChunk = 64;
+constexpr int64_t kTableChunk = kWeightTableGroup;
 
 bool table_applies(const Problem& p) {
 #ifdef __AVX2__

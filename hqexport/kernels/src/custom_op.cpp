@@ -467,7 +467,8 @@ struct CpuKernel {
   // layer dequantizes with hqq's two roundings per weight (the zeros come back exactly: the fp32 error of
   // zero_point - correction / scale is far below half a float16 or bfloat16 ulp)
   std::vector<uint16_t> meta_scales, meta_zeros;
-  // 4-bit codes with such meta, groups a multiple of 64: the decode rows' weight tables (32 bytes per group)
+  // 4-bit codes with such meta, groups a multiple of kWeightTableGroup, AVX2 (the only path that reads them):
+  // the decode rows' weight tables (32 bytes per group)
   std::vector<uint8_t> meta_tables;
 
   bool checked() const { return !zeros.empty() || !meta_zeros.empty(); }
@@ -483,7 +484,9 @@ struct CpuKernel {
       meta_zeros[g] = half_bits(zeros[g], dtype);
     }
     zeros = std::vector<float>();
-    if (attrs.bits == 4 && attrs.group_size % 64 == 0) meta_tables = weight_tables(meta_scales, meta_zeros, dtype);
+    if (attrs.bits == 4 && attrs.group_size % kWeightTableGroup == 0 && cpu_has_avx2()) {
+      meta_tables = weight_tables(meta_scales, meta_zeros, dtype);
+    }
   }
 
   std::string run(Ort::KernelContext& ctx, Problem& p) {

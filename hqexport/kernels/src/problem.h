@@ -49,13 +49,17 @@ struct Problem {
   DType lora_dtype = DType::F32;
   const int64_t* lora_columns = nullptr;  // [2 * lora_segments]
   int64_t lora_segments = 0, lora_rank = 0;
-  // 4-bit codes of a float16 / bfloat16 layer (HQQMatMulNBits with compute_dtype, groups a multiple of 64): per
-  // group, the low bytes of the weights of codes 0..15 in that dtype, then their high bytes (32 bytes), computed
-  // when the kernel is created (custom_op.cpp's weight_tables); null where there are none.
+  // 4-bit codes of a float16 / bfloat16 layer (HQQMatMulNBits with compute_dtype, groups a multiple of
+  // kWeightTableGroup, an AVX2 CPU): per group, the low bytes of the weights of codes 0..15 in that dtype, then their
+  // high bytes (32 bytes), computed when the kernel is created (custom_op.cpp's weight_tables); else null.
   const uint8_t* weight_tables = nullptr;
   // hqexport::HalfMatMul (ops/half.py): W is a plain [N, K] matrix of this dtype (F16 or BF16), no codes.
   DType half_dtype = DType::F16;
 };
+
+// Group sizes whose 4-bit float16 / bfloat16 layers get weight tables: multiples of the 64 codes in the 32 bytes
+// that cpu_kernel.cpp's table_rows reads at a time.
+constexpr int64_t kWeightTableGroup = 64;
 
 // W's words (formats/canonical.py's LAYOUTS, which tests/test_layout_record.py checks these against): bits 3 packs
 // 10 codes in a uint32 word (bits 30-31 unused), bits 1, 2, 4 and 8 pack 8 / bits codes in a uint8 word. word_bytes
