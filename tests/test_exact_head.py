@@ -20,6 +20,7 @@ from hqexport.conversion import convert
 from hqexport.lower import exact_int8_head
 from hqexport.read.source import read_source
 from hqexport.sample import build_sample_model, save_hqq_pickle
+from hqexport.validation import validate
 from hqexport.validation.blocks import with_extra_outputs
 from hqexport.validation.onnx_session import OnnxDecoder
 from tests.conftest import FORMATS, assert_embedding_gathers, assert_shortlist_rows, assert_validates_as_exact
@@ -151,3 +152,5 @@ def test_a_lossy_head_rescores_its_shortlist_from_the_grid(grid_source, tmp_path
     assert_shortlist_rows(out, table)
     if tied:
         assert_embedding_gathers(out, table, "/model/embed_tokens/GatherBlockQuantized/output_0")
+        report = validate(out, prompts=["The old man"], tokens=4, progress=None)  # the reference's embedding: the same rows
+        assert report.passed, [(check.name, check.message) for check in report.checks if not check.passed]
