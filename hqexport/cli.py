@@ -189,7 +189,10 @@ def demo(tokens: int) -> None:
 @click.option("--adapter", help="Also check this adapter (a name from hqexport.json, or 'all').")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report as JSON here.")
 def validate(out: Path, reference: Path | None, provider: str, prompts: Path | None, tokens: int, adapter: str | None, json_path: Path | None) -> None:
-    """Check that an exported folder computes what its HQQ source computes (exit 1 when a check fails)."""
+    """Check that an exported folder computes what its HQQ source computes (exit 1 when a check fails).
+
+    onnxruntime runs the folder as its users do: with the kernels library the folder ships, or, in a folder without
+    one, the hqexport ops' ONNX function bodies."""
     from hqexport.validation import read_prompts
     from hqexport.validation import validate as run_validate
     from hqexport.validation.report import render, write_json
