@@ -138,6 +138,13 @@ class _Builder:
         return value
 
     def weight(self, name: str, dtype: np.dtype, shape: Sequence[int], load: Callable[[], np.ndarray]) -> ir.Value:
+        """A lazily loaded initializer, or the one already registered under `name`: a table that two nodes read (a
+        tied embedding and the rows a lossy head rescores)."""
+        existing = self.graph.initializers.get(name)
+        if existing is not None:
+            if existing.dtype != ir.DataType.from_numpy(np.dtype(dtype)) or tuple(existing.shape) != tuple(shape):
+                raise ValueError(f"initializer {name} is already registered with another dtype or shape")
+            return existing
         tensor = lazy_tensor(name, dtype, shape, load)
         value = ir.Value(name=name, shape=ir.Shape(list(shape)), type=ir.TensorType(tensor.dtype), const_value=tensor)
         self.graph.register_initializer(value)
@@ -304,13 +311,10 @@ class _Builder:
             table = self.half_table(key)
             rows = self.op("Gather", [table, ids], name=f"{name}/Gather", dtype=table.dtype)
             return self.op("Cast", [rows], name=f"{name}/Cast", to=ir.DataType.from_numpy(self.act))
-        table = self.graph.initializers[key] if key in self.graph.initializers else self.fp_tensor(key)
-        return self.op("Gather", [table, ids], name=f"{name}/Gather")
+        return self.op("Gather", [self.fp_tensor(key), ids], name=f"{name}/Gather")
 
     def half_table(self, key: str) -> ir.Value:
         """The fp tensor `key` stored in the half head's dtype, which holds its values exactly."""
-        if key in self.graph.initializers:
-            return self.graph.initializers[key]
         tensor = self.qmodel.tensors[key]
         return self.weight(key, self.half_head, tuple(tensor.shape), lambda: tensor_to_numpy(tensor).astype(self.half_head))
 
@@ -318,8 +322,6 @@ class _Builder:
         """The int8 grid as GatherBlockQuantized reads it: codes [vocab, hidden], scales and zero points
         [vocab, hidden / block]."""
         names = [f"{self.head_table}.grid_{part}" for part in ("codes", "scales", "zero_points")]
-        if names[0] in self.graph.initializers:
-            return [self.graph.initializers[name] for name in names]
         grid = self.grid
         vocab, hidden = grid.shape
         blocks = (vocab, hidden // grid.fmt.group_size)
