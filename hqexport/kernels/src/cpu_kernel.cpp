@@ -660,8 +660,9 @@ inline void table_rows(const FastJob& job, int64_t n) {
 
 // W[n, k0 .. k0+len] of a layer with weight tables, for the GEMM: 8 codes at a time (4 bytes; k0, len and the
 // group boundaries are multiples of 8) looked up in their group's tables and widened, where dequant_segment
-// computes hqq's two roundings per weight (that made a 3072 x 576 layer's 128-row GEMM 1.10x slower than without
-// dequantization; SmolLM2's float16 prefill is 1.01-1.03x faster this way, the same logits).
+// computes hqq's two roundings per weight (that made a 3072 x 576 layer's 128-row GEMM 1.12-1.17x slower than
+// without dequantization, fp32 meta 1.03-1.08x; SmolLM2's float16 prefill is 1.01-1.03x faster this way, the same
+// logits).
 template <DType META>
 void table_segment(const Problem& p, int64_t n, int64_t k0, int64_t len, float* out) {
   const __m128i nibble = _mm_set1_epi8(0x0f);
