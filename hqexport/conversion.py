@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -57,6 +57,9 @@ from hqexport.write.folder import staged_output
 from hqexport.write.genai_config import genai_config
 from hqexport.write.manifest import build_manifest
 from hqexport.write.onnx_file import write_onnx
+
+if TYPE_CHECKING:
+    import torch
 
 #: below this share of the adapter's delta surviving re-quantization, merge warns that the fine-tune is lost
 LOW_RETENTION = 0.5
@@ -165,15 +168,11 @@ def convert(
             with steps(f"Quantizing the lm_head with hqq (--lm-head {lm_head}, lossy)"):
                 head = quantize_head(qmodel, tied, choice)
             if dtype == "fp32":  # the rows the shortlist rescores, and a tied embedding, in their smallest exact form
-                with steps("Checking whether the fp lm_head is an exact int8 grid, or float16 / bfloat16 values"):
-                    grid = exact_int8_head(qmodel, tied)
-                    half_head = exact_half_head(qmodel, tied) if grid is None else None
+                grid, half_head = _exact_head_form(qmodel, tied, steps)
             rows = EXACT_INT8_HEAD.format if grid is not None else HALF_HEAD_FORMATS.get(half_head, dtype)
             choice = dataclasses.replace(choice, rows=rows)
         elif choice.format == "fp32" and fp32_kernel:
-            with steps("Checking whether the fp lm_head is an exact int8 grid, or float16 / bfloat16 values"):
-                head = exact_int8_head(qmodel, tied)
-                half_head = exact_half_head(qmodel, tied) if head is None else None
+            head, half_head = _exact_head_form(qmodel, tied, steps)
             if head is not None:
                 choice = EXACT_INT8_HEAD
             elif half_head is not None:
@@ -280,6 +279,13 @@ def _merge(qmodel: QuantizedModel, specs: list[AdapterSpec], steps: _Steps) -> t
             + (" — merging erased most of the fine-tune; prefer --adapters separate or bake" if retained < LOW_RETENTION else "")
         )
     return merged, {spec.name: entry}
+
+
+def _exact_head_form(qmodel: QuantizedModel, tied: bool, steps: _Steps) -> tuple[QuantizedLinear | None, torch.dtype | None]:
+    """(int8 grid, None) when the fp head is exactly an int8 grid, else (None, the half dtype that holds it or None)."""
+    with steps("Checking whether the fp lm_head is an exact int8 grid, or float16 / bfloat16 values"):
+        grid = exact_int8_head(qmodel, tied)
+        return grid, exact_half_head(qmodel, tied) if grid is None else None
 
 
 def _find_kernels(steps: _Steps, with_kernels: bool | None, ops: str) -> tuple[Path | None, str | None]:
