@@ -849,61 +849,109 @@ inline __m256i chunk_dot(const uint8_t* w, const __m256i* a) {
   return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-// One row of W at a time, so that a thread reads W as one stream: four rows per pass (each load of A serving four,
-// as fast_rows does) interleave four streams, which the hardware prefetcher follows worse (a 576 x 1536 layer
-// streaming from memory, one thread: 63 -> 46 us; SmolLM2's int8 decode about 1.1x faster). The int8 products are
-// cheap enough that reloading A per row costs less than that.
-template <int BITS, bool SPLIT>
-inline void int8_row(const Int8Job& job, int64_t n) {
+// Chunk c of a row of A in int8 (Int8Job::Aq's order): PER vectors of 32, one per shift of the codes.
+template <int PER>
+inline void load_chunk_of_a(const int8_t* aq, int64_t c, __m256i (&a)[PER]) {
+  for (int j = 0; j < PER; ++j) a[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq + (c * PER + j) * 32));
+}
+
+// chunk_dot's int32 lane sums as floats.
+template <int BITS>
+inline v8f lane_sums(const uint8_t* w, const __m256i* a) {
+  return __builtin_convertvector(reinterpret_cast<v8i>(chunk_dot<BITS>(w, a)), v8f);
+}
+
+// How a row's groups of W lie over its 32-byte chunks: two groups per chunk (g = 16 * PER), one group per
+// chunk, or several chunks per group. A template argument, so the common cases run one straight loop over chunks.
+enum class GroupSpan { kHalfChunk, kChunk, kChunks };
+
+// R = 2 adjacent rows of W per pass (a task's odd last row alone): each load of A serves both and their sums are
+// independent chains, yet a thread still reads W nearly as one stream. Four rows per pass interleave four streams,
+// which the hardware prefetcher follows worse (a 576 x 1536 layer streaming from memory, one thread: 63 us against
+// 46 us for one row per pass); two rows per pass, with the straight loop for g = one chunk, took SmolLM2's layers
+// (K = 576, one decode row, onnxruntime's two threads) from 1.25-1.35x MLAS's MatMulNBits time to 0.99-1.0x.
+template <int BITS, GroupSpan SPAN, int R>
+inline void int8_rows(const Int8Job& job, int64_t n) {
   constexpr int kPer = 8 / BITS;
   constexpr int64_t kChunk = int8_chunk(BITS);
   const Problem& p = *job.p;
   const int64_t chunks = p.K / kChunk;
   const int64_t groups_per_row = p.K / p.group_size;
-  const int64_t chunks_per_group = SPLIT ? 1 : p.group_size / kChunk;
-  const float* scale = static_cast<const float*>(p.scale) + n * groups_per_row;
-  const float* zero = static_cast<const float*>(p.zero) + n * groups_per_row;
+  const int64_t chunks_per_group = SPAN == GroupSpan::kChunks ? p.group_size / kChunk : 1;
   const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-  const uint8_t* row = static_cast<const uint8_t*>(p.W) + n * p.row_words;
-  // a later row, prefetched a cache line (two chunks) at a time
-  const uint8_t* ahead = n + kInt8Ahead < p.N ? row + kInt8Ahead * p.row_words : row;
+  const float* scale[R];
+  const float* zero[R];
+  const uint8_t* row[R];
+  for (int r = 0; r < R; ++r) {
+    scale[r] = static_cast<const float*>(p.scale) + (n + r) * groups_per_row;
+    zero[r] = static_cast<const float*>(p.zero) + (n + r) * groups_per_row;
+    row[r] = static_cast<const uint8_t*>(p.W) + (n + r) * p.row_words;
+  }
+  // later rows, prefetched a cache line (two chunks) at a time
+  const uint8_t* ahead = n + R + kInt8Ahead <= p.N ? row[0] + kInt8Ahead * p.row_words : row[0];
   for (int64_t m = 0; m < p.M; ++m) {
     const int8_t* aq = job.Aq + m * p.K;
     const float* ascale = job.Ascales + m * chunks * 8;
     const float* asum = job.Asums + m * groups_per_row;
-    v8f total = {};
-    for (int64_t c0 = 0; c0 < chunks; c0 += chunks_per_group) {
-      v8f acc = {};
-      for (int64_t c = c0; c < c0 + chunks_per_group; ++c) {
+    v8f total[R] = {};
+    if constexpr (SPAN == GroupSpan::kChunks) {
+      for (int64_t group = 0, c0 = 0; c0 < chunks; ++group, c0 += chunks_per_group) {
+        v8f acc[R] = {};
+        for (int64_t c = c0; c < c0 + chunks_per_group; ++c) {
+          __m256i a[kPer];
+          load_chunk_of_a<kPer>(aq, c, a);
+          const v8f block_scale = load8(ascale + c * 8);
+          for (int r = 0; r < R; ++r) {
+            if (c % 2 == 0) __builtin_prefetch(ahead + r * p.row_words + c * 32);
+            acc[r] += lane_sums<BITS>(row[r] + c * 32, a) * block_scale;
+          }
+        }
+        for (int r = 0; r < R; ++r) total[r] += scale[r][group] * acc[r];
+      }
+    } else {  // one straight loop: a chunk's scales are its block scales of A times one or two group scales of W
+      for (int64_t c = 0; c < chunks; ++c) {
         __m256i a[kPer];
-        for (int j = 0; j < kPer; ++j) a[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq + (c * kPer + j) * 32));
+        load_chunk_of_a<kPer>(aq, c, a);
         const v8f block_scale = load8(ascale + c * 8);
-        if (c % 2 == 0) __builtin_prefetch(ahead + c * 32);
-        const v8f dot = __builtin_convertvector(reinterpret_cast<v8i>(chunk_dot<BITS>(row + c * 32, a)), v8f);
-        if constexpr (SPLIT) {  // lanes 0-3 in group 2c, 4-7 in group 2c + 1: the pair of scales, spread
-          const __m128 pair = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale + 2 * c)));
-          const v8f group_scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), spread);
-          total += dot * (block_scale * group_scale);
-        } else {
-          acc += dot * block_scale;
+        for (int r = 0; r < R; ++r) {
+          if (c % 2 == 0) __builtin_prefetch(ahead + r * p.row_words + c * 32);
+          v8f group_scale;
+          if constexpr (SPAN == GroupSpan::kHalfChunk) {  // lanes 0-3 in group 2c, 4-7 in group 2c + 1: the pair, spread
+            const __m128 pair = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale[r] + 2 * c)));
+            group_scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), spread);
+          } else {
+            group_scale = v8f{} + scale[r][c];
+          }
+          total[r] += lane_sums<BITS>(row[r] + c * 32, a) * (block_scale * group_scale);
         }
       }
-      if constexpr (!SPLIT) total += scale[c0 / chunks_per_group] * acc;
     }
-    v8f terms = {};  // the zero term, s * z * (sum of A) summed over the row's groups, 8 at a time
-    int64_t gi = 0;
-    for (; gi + 8 <= groups_per_row; gi += 8) terms += load8(scale + gi) * load8(zero + gi) * load8(asum + gi);
-    float offset = hsum(terms);
-    for (; gi < groups_per_row; ++gi) offset += scale[gi] * zero[gi] * asum[gi];
-    job.Y[m * p.N + n] = hsum(total) - offset;
+    for (int r = 0; r < R; ++r) {  // minus the zero term, s * z * (sum of A) over the row's groups, 8 at a time
+      int64_t gi = 0;
+      for (; gi + 8 <= groups_per_row; gi += 8) total[r] -= load8(scale[r] + gi) * load8(zero[r] + gi) * load8(asum + gi);
+      float offset = 0.f;
+      for (; gi < groups_per_row; ++gi) offset += scale[r][gi] * zero[r][gi] * asum[gi];
+      job.Y[m * p.N + n + r] = hsum(total[r]) - offset;
+    }
   }
 }
 
-template <int BITS, bool SPLIT>
+template <int BITS, GroupSpan SPAN>
 void int8_task(void* data, size_t task) {
   const Int8Job& job = *static_cast<const Int8Job*>(data);
   const int64_t end = min64(job.p->N, static_cast<int64_t>(task + 1) * kGemvRows);
-  for (int64_t n = static_cast<int64_t>(task) * kGemvRows; n < end; ++n) int8_row<BITS, SPLIT>(job, n);
+  int64_t n = static_cast<int64_t>(task) * kGemvRows;
+  for (; n + 2 <= end; n += 2) int8_rows<BITS, SPAN, 2>(job, n);
+  for (; n < end; ++n) int8_rows<BITS, SPAN, 1>(job, n);
+}
+
+template <int BITS>
+auto int8_task_for(GroupSpan span) -> void (*)(void*, size_t) {
+  switch (span) {
+    case GroupSpan::kHalfChunk: return &int8_task<BITS, GroupSpan::kHalfChunk>;
+    case GroupSpan::kChunk: return &int8_task<BITS, GroupSpan::kChunk>;
+    default: return &int8_task<BITS, GroupSpan::kChunks>;
+  }
 }
 
 bool int8_applies(const Problem& p) {
@@ -962,9 +1010,8 @@ bool int8_gemv(const Problem& p, const Runner& runner) {
   }
   const int64_t chunk = int8_chunk(p.bits);
   Int8Job job{&p, aq, ascales, asums, static_cast<float*>(p.Y)};
-  const bool split = 2 * p.group_size == chunk;
-  void (*task)(void*, size_t) = p.bits == 4 ? (split ? &int8_task<4, true> : &int8_task<4, false>)
-                                            : (split ? &int8_task<2, true> : &int8_task<2, false>);
+  const GroupSpan span = 2 * p.group_size == chunk ? GroupSpan::kHalfChunk : p.group_size == chunk ? GroupSpan::kChunk : GroupSpan::kChunks;
+  void (*task)(void*, size_t) = p.bits == 4 ? int8_task_for<4>(span) : int8_task_for<2>(span);
   runner.parallel_for(runner.ctx, task, static_cast<size_t>((p.N + kGemvRows - 1) / kGemvRows), &job);
   add_bias(p, job.Y);
   std::free(aq);
