@@ -869,7 +869,7 @@ enum class GroupSpan { kHalfChunk, kChunk, kChunks };
 // independent chains, yet a thread still reads W nearly as one stream. Four rows per pass interleave four streams,
 // which the hardware prefetcher follows worse (a 576 x 1536 layer streaming from memory, one thread: 63 us against
 // 46 us for one row per pass); two rows per pass, with the straight loop for g = one chunk, took SmolLM2's layers
-// (K = 576, one decode row, onnxruntime's two threads) from 1.25-1.35x MLAS's MatMulNBits time to 0.99-1.0x.
+// (K = 576, one decode row, onnxruntime's two threads) from 1.1-1.3x MLAS's MatMulNBits time to 0.98-1.0x.
 template <int BITS, GroupSpan SPAN, int R>
 inline void int8_rows(const Int8Job& job, int64_t n) {
   constexpr int kPer = 8 / BITS;
