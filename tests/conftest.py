@@ -58,13 +58,22 @@ def assert_embedding_gathers(out: Path, table: np.ndarray, embedded: str) -> Non
 
 
 def assert_shortlist_rows(out: Path, table: np.ndarray) -> None:
-    """The rows that the exported folder's lossy head rescores are `table`'s rows of its shortlisted tokens, bit for
-    bit, for the ids 3, 17 and the last one."""
+    """The rows that the exported folder's lossy head rescores are `table`'s rows: a GridShortlist node's whole grid
+    dequantized, else (stock ops) the rows of the shortlisted tokens for the ids 3, 17 and the last one; bit for bit."""
     from hqexport.validation.blocks import with_extra_outputs
     from hqexport.validation.onnx_session import OnnxDecoder
 
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     nodes = {node.name: node for node in model.graph.node}
+    if "/lm_head/shortlist/GridShortlist" in nodes:
+        node = nodes["/lm_head/shortlist/GridShortlist"]
+        initializers = {t.name: t for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+        codes, scales, zero_points = (onnx.numpy_helper.to_array(initializers[name]) for name in node.input[2:])
+        block = next(a.i for a in node.attribute if a.name == "block_size")
+        rows = (codes.astype(np.float32) - zero_points.repeat(block, axis=1)) * scales.repeat(block, axis=1)
+        np.testing.assert_array_equal(rows, table)
+        assert not {"TopK", "ScatterElements"} & {n.op_type for n in model.graph.node}
+        return
     tokens, rows = nodes["/lm_head/shortlist/TopK"].output[1], nodes["/lm_head/shortlist/MatMul"].input[0]
     vocab, hidden = table.shape
     decoder = OnnxDecoder(out, "cpu", model=with_extra_outputs(model, [tokens, rows], 1))

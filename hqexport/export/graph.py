@@ -39,6 +39,7 @@ from hqexport.model import QuantizedLinear, QuantizedModel
 from hqexport.ops.half import OP_TYPE as HALF_OP_TYPE
 from hqexport.ops.inputs import packed_inputs
 from hqexport.ops.schema import DOMAIN, HQQ_OP, MS_DOMAIN, OP_TYPE, SINCE_VERSION
+from hqexport.ops.shortlist import OP_TYPE as SHORTLIST_OP_TYPE
 
 
 def node_name(layer_path: str) -> str:
@@ -91,7 +92,8 @@ def build_decoder(
     exact_half_head): the fp head's table is stored in it, and a tied embedding reads the same table; without a
     shortlist the head is computed from it by hqexport.HalfMatMul (ops/half.py).
     grid: with a shortlist, the fp head's values as an exact int8 grid (lower/lm_head.py's exact_int8_head): the
-    rows it rescores, and a tied embedding's, are gathered from the grid (GatherBlockQuantized) instead of a fp table.
+    rows it rescores (one hqexport.GridShortlist node, ops/shortlist.py), and a tied embedding's
+    (GatherBlockQuantized), come from the grid instead of a fp table.
     """
     builder = _Builder(qmodel, config, io, opset, set(own_outputs), head, shortlist, half_head, grid)
     return DecoderGraph(builder.build(), builder.layers)
@@ -345,9 +347,14 @@ class _Builder:
         return self.op("MatMul", [x, transposed], name="/lm_head/MatMul")
 
     def rescored(self, logits: ir.Value, x: ir.Value) -> ir.Value:
-        """`logits` with the shortlist's entries (its largest per position) recomputed as fp head row . x."""
+        """`logits` with the shortlist's entries (its largest per position) recomputed as fp head row . x: one
+        hqexport.GridShortlist node where the rows are the exact int8 grid, else stock ops."""
         name = "/lm_head/shortlist"
-        count = self.constant(f"{name}/k", np.array([min(self.shortlist, self.config.vocab_size)], np.int64))
+        k = min(self.shortlist, self.config.vocab_size)
+        if self.grid is not None:
+            return self.op(SHORTLIST_OP_TYPE, [logits, x, *self.grid_tensors()], domain=DOMAIN, name=f"{name}/GridShortlist",
+                           k=k, block_size=self.grid.fmt.group_size)
+        count = self.constant(f"{name}/k", np.array([k], np.int64))
         _, tokens = self.op("TopK", [logits, count], axis=-1, outputs=2, name=f"{name}/TopK")
         tokens.type = ir.TensorType(ir.DataType.INT64)
         last = self.constant(f"{name}/last_axis", np.array([-1], np.int64))

@@ -20,7 +20,8 @@ from hqexport.kernels.headers import debian_suite, ort_include_dir
 from hqexport.kernels.toolchain import COMMAND_TIMEOUT_S, KernelBuildError, cache_dir, locked, run_command
 
 HERE = Path(__file__).parent
-CPU_SOURCES = (HERE / "src" / "cpu_kernel.cpp", HERE / "src" / "custom_op.cpp", HERE / "src" / "problem.h")
+CPU_SOURCES = (HERE / "src" / "cpu_kernel.cpp", HERE / "src" / "custom_op.cpp", HERE / "src" / "problem.h", HERE / "src" / "shortlist.cpp",
+               HERE / "src" / "shortlist.h")
 CUDA_SOURCE = HERE / "cuda" / "hqq_matmul.cu"
 LIBRARY_NAME = "libhqexport_kernels.so"
 #: CUDA targets: SASS for Hopper, PTX that any newer driver can JIT for other GPUs
@@ -123,6 +124,7 @@ def build_library(force: bool = False) -> Path:
             glue = [cxx, *_CXX_FLAGS, *_isa_flags("baseline"), f"-I{include}", f"-I{src}"]
             glue += ["-DHQEXPORT_WITH_CUDA"] if cuda else []
             jobs.append([*glue, "-c", str(src / "custom_op.cpp"), "-o", str(work / "custom_op.o")])
+            jobs.append([*glue, "-c", str(src / "shortlist.cpp"), "-o", str(work / "shortlist.o")])
             _run_parallel(jobs)
             objects = sorted(str(path) for path in work.glob("*.o"))
             if cuda:

@@ -8,7 +8,8 @@ becomes one more HQQ layer of the graph: an hqexport.HQQMatMul node, lowered to 
 The manifest records the choice under model.lm_head and model.lossy, and validate measures what it costs.
 
 The quantized head only draws a shortlist: the `SHORTLIST` tokens with the largest approximate logits get
-their logits recomputed from the exact fp rows (export/graph.py: TopK, Gather, MatMul, ScatterElements), so
+their logits recomputed from the exact fp rows (export/graph.py: one hqexport.GridShortlist node, ops/shortlist.py,
+where the rows are the int8 grid below; else TopK, Gather, MatMul, ScatterElements), so
 greedy decoding and top-k sampling see exact logits unless the best token falls outside the shortlist (on
 SmolLM2 the int4 head (group 64) ranked the exact top-1 token 4th at worst on validate's texts, and its plain
 top-1 agreement was 61%). The fp table stays in the file for that and for the embedding lookup, in the smallest

@@ -1,4 +1,4 @@
-"""hqexport's ops (docs/ops.md): HQQMatMul (schema, ONNX function body, numpy reference, a layer's inputs), HQQMatMulNBits (nbits.py) and HalfMatMul (half.py)."""
+"""hqexport's ops (docs/ops.md): HQQMatMul (schema, ONNX function body, numpy reference, a layer's inputs), HQQMatMulNBits (nbits.py), HalfMatMul (half.py) and GridShortlist (shortlist.py)."""
 
 from hqexport.ops.function import attach_function, hqq_matmul_function
 from hqexport.ops.inputs import canonical_weight, op_inputs, packed_inputs

@@ -16,7 +16,7 @@ import onnx
 from onnx import AttributeProto, FunctionProto, ModelProto, TensorProto, helper
 
 from hqexport.formats.canonical import LAYOUTS
-from hqexport.ops import half, nbits
+from hqexport.ops import half, nbits, shortlist
 from hqexport.ops.schema import DOMAIN, OP_TYPE, SINCE_VERSION
 
 #: opsets the body is valid for (BitwiseAnd needs 18)
@@ -150,7 +150,7 @@ def attach_function(model: ModelProto) -> None:
 
     Replaces an existing function of the same op (e.g. a stub an exporter wrote) by hqexport's body.
     """
-    bodies = {OP_TYPE: hqq_matmul_function, **nbits.FUNCTIONS, **half.FUNCTIONS}
+    bodies = {OP_TYPE: hqq_matmul_function, **nbits.FUNCTIONS, **half.FUNCTIONS, **shortlist.FUNCTIONS}
     used = _used_ops(model.graph)
     for function in model.functions:
         used |= {node.op_type for node in function.node if node.domain == DOMAIN}

@@ -1,4 +1,4 @@
-"""The onnx schema of hqexport::HQQMatMul (docs/ops.md); register_schema also registers the HQQMatMulNBits ops' (ops/nbits.py) and HalfMatMul's (ops/half.py).
+"""The onnx schema of hqexport::HQQMatMul (docs/ops.md); register_schema also registers the HQQMatMulNBits ops' (ops/nbits.py), HalfMatMul's (ops/half.py) and GridShortlist's (ops/shortlist.py).
 
 onnx refuses to build, check or infer shapes for a node whose op it does not know, and onnxscript (hence
 torch.onnx's custom translation) looks ops up by schema; `register_schema()` must run before either.
@@ -64,9 +64,9 @@ def _build_schema() -> OpSchema:
 
 
 def register_schema() -> None:
-    """Register the schemas of hqexport's ops (HQQMatMul, the HQQMatMulNBits ops, HalfMatMul) with onnx.defs once per process."""
-    from hqexport.ops import half, nbits  # they build on this module's constants
+    """Register the schemas of hqexport's ops (HQQMatMul, the HQQMatMulNBits ops, HalfMatMul, GridShortlist) with onnx.defs once per process."""
+    from hqexport.ops import half, nbits, shortlist  # they build on this module's constants
 
-    for op_type, build in {OP_TYPE: _build_schema, **nbits.SCHEMAS, **half.SCHEMAS}.items():
+    for op_type, build in {OP_TYPE: _build_schema, **nbits.SCHEMAS, **half.SCHEMAS, **shortlist.SCHEMAS}.items():
         if not onnx.defs.has(op_type, DOMAIN):
             onnx.defs.register_schema(build())

@@ -2,7 +2,7 @@
 //
 // RegisterCustomOps adds domain "hqexport" with op HQQMatMul for CPUExecutionProvider (and CUDAExecutionProvider
 // when built with HQEXPORT_WITH_CUDA), and HQQMatMulNBits, HQQMatMulNBitsLoRA and their SwiGLU forms (fp32,
-// ops/nbits.py) and HalfMatMul (ops/half.py) for CPUExecutionProvider. HQQMatMul
+// ops/nbits.py), HalfMatMul (ops/half.py) and GridShortlist (ops/shortlist.py) for CPUExecutionProvider. HQQMatMul
 // gets two overloads per EP, A fp32 and A fp16, so onnxruntime can infer the output type; the other inputs are left
 // untyped and checked here. Every problem with a node (attributes, dtypes, shapes) comes back as an error status,
 // never an exception across the C boundary.
@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "problem.h"
+#include "shortlist.h"
 
 #define HQX_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -604,6 +605,92 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
   ONNXTensorElementDataType act_;
 };
 
+// GridShortlist (ops/shortlist.py): logits [..., V] and X [..., H] with the same leading dims, the grid's codes
+// [V, H] and its scales and zero points [V, H / block_size]; their element types are the op's declared ones.
+struct ShortlistKernel {
+  int64_t k = 0, block_size = 0;
+  std::string node;
+
+  std::string describe(Ort::KernelContext& ctx, Shortlist& s, std::vector<int64_t>& y_shape) const {
+    const std::vector<int64_t> logits = ctx.GetInput(0).GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> x = ctx.GetInput(1).GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> codes = ctx.GetInput(2).GetTensorTypeAndShapeInfo().GetShape();
+    if (logits.empty() || x.size() != logits.size() || !std::equal(logits.begin(), logits.end() - 1, x.begin())) {
+      return "logits " + shape_text(logits) + " and X " + shape_text(x) + " must share their leading dims";
+    }
+    s.vocab = logits.back();
+    s.hidden = x.back();
+    if (codes != std::vector<int64_t>{s.vocab, s.hidden}) {
+      return "codes of shape " + shape_text(codes) + ", expected [V, H] = " + shape_text({s.vocab, s.hidden});
+    }
+    if (s.hidden % block_size != 0) return "block_size " + std::to_string(block_size) + " does not divide H = " + std::to_string(s.hidden);
+    const std::vector<int64_t> blocks{s.vocab, s.hidden / block_size};
+    for (const size_t i : {3, 4}) {
+      const std::vector<int64_t> shape = ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetShape();
+      if (shape != blocks) return std::string(i == 3 ? "scales" : "zero_points") + " of shape " + shape_text(shape) + ", expected " + shape_text(blocks);
+    }
+    if (k > s.vocab) return "k = " + std::to_string(k) + " exceeds V = " + std::to_string(s.vocab);
+    s.positions = 1;
+    for (size_t i = 0; i + 1 < logits.size(); ++i) s.positions *= logits[i];
+    s.k = k;
+    s.block_size = block_size;
+    y_shape = logits;
+    return "";
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Ort::KernelContext ctx(context);
+      Shortlist s;
+      std::vector<int64_t> y_shape;
+      const std::string message = describe(ctx, s, y_shape);
+      if (!message.empty()) return error("GridShortlist", node, message);
+      s.logits = ctx.GetInput(0).GetTensorData<float>();
+      s.X = ctx.GetInput(1).GetTensorData<float>();
+      s.codes = ctx.GetInput(2).GetTensorData<uint8_t>();
+      s.scales = ctx.GetInput(3).GetTensorData<float>();
+      s.zero_points = ctx.GetInput(4).GetTensorData<uint8_t>();
+      s.Y = ctx.GetOutput(0, y_shape).GetTensorMutableData<float>();
+      if (s.positions == 0) return nullptr;
+      const Runner runner{ctx.GetOrtKernelContext(), &ort_parallel_for};
+      return grid_shortlist(s, runner) ? nullptr : error("GridShortlist", node, "out of memory");
+    } catch (const std::exception& e) {
+      return error("GridShortlist", node, e.what());
+    }
+  }
+};
+
+struct ShortlistOp : Ort::CustomOpBase<ShortlistOp, ShortlistKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** out) const {
+    std::string node = "?";
+    try {
+      node = Ort::ConstKernelInfo(info).GetNodeName();
+      auto kernel = std::make_unique<ShortlistKernel>();
+      kernel->node = node;
+      if (!read_int_attribute(info, "k", kernel->k) || !read_int_attribute(info, "block_size", kernel->block_size)) {
+        return error("GridShortlist", node, "missing or non-integer attribute 'k' or 'block_size'");
+      }
+      if (kernel->k < 1) return error("GridShortlist", node, "k must be positive, got " + std::to_string(kernel->k));
+      if (kernel->block_size < 16 || (kernel->block_size & (kernel->block_size - 1)) != 0) {
+        return error("GridShortlist", node, "block_size must be a power of 2 >= 16, got " + std::to_string(kernel->block_size));
+      }
+      *out = kernel.release();
+      return nullptr;
+    } catch (const std::exception& e) {
+      return error("GridShortlist", node, e.what());
+    }
+  }
+
+  const char* GetName() const { return "GridShortlist"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 2 || i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 template <typename Kernel>
 void add_hqq_ops(Ort::CustomOpDomain& domain) {
   static Op<Kernel> f32(kHqqSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
@@ -612,8 +699,10 @@ void add_hqq_ops(Ort::CustomOpDomain& domain) {
   domain.Add(&f16);
 }
 
-// The ops with fp32 activations only, on the CPU: the HQQMatMulNBits family and HalfMatMul.
+// The ops with fp32 activations only, on the CPU: the HQQMatMulNBits family, HalfMatMul and GridShortlist.
 void add_fp32_ops(Ort::CustomOpDomain& domain) {
+  static ShortlistOp shortlist;
+  domain.Add(&shortlist);
   static Op<CpuKernel> nbits(kNbitsSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   static Op<CpuKernel> nbits_lora(kNbitsLoraSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   static Op<CpuKernel> nbits_swiglu(kNbitsSwigluSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
