@@ -111,7 +111,7 @@ def inspect(path: Path, as_json: bool) -> None:
     help="accuracy_level of the layers' nodes (MatMulNBits' attribute). 0: HQQ's arithmetic, exact. 1: weights "
     "computed in fp32, without hqq's rounding of each one to a float16 / bfloat16 compute dtype: about 1.25x faster "
     "decode for such layers, lossy for them (the same as 0 for float32 ones). 4: activations quantized to int8 per "
-    "block of 16 for decode rows of 2- and 4-bit layers: faster decode on CPU, but no longer HQQ's result. validate "
+    "block of 8 (16 at 2 bits) for decode rows of 2- and 4-bit layers: faster decode on CPU, but no longer HQQ's result. validate "
     "reports how far a lossy level moved.",
 )
 @click.option(

@@ -249,14 +249,16 @@ def _runs_avx2(library: Path) -> bool:
 
 
 def _int8_activation_reference(x: np.ndarray, hqq_layer: HQQLinear, group_size: int) -> np.ndarray:
-    """What the kernel's int8 path computes, in float64 (docs/kernels.md): A rounded to int8 per block of 16 inputs
-    (scale = max |A| / 127, fp32 as the kernel rounds it) times the codes times the scale, minus the zero term on A
-    itself."""
+    """What the kernel's int8 path computes, in float64 (docs/kernels.md): A rounded to int8 per block of one int32
+    lane's inputs (8 in a 4-bit container, 16 in a 2-bit one; scale = max |A| / 127, fp32 as the kernel rounds it)
+    times the codes times the scale, minus the zero term on A itself."""
     n = hqq_layer.out_features
+    fmt = layer_from_meta("l", hqq_layer.W_q.data, hqq_layer.meta, None).fmt
     scale = hqq_layer.meta["scale"].double().reshape(n, -1).repeat_interleave(group_size, dim=1).numpy()
     zero = hqq_layer.meta["zero"].double().reshape(n, -1).repeat_interleave(group_size, dim=1).numpy()
-    codes = unpack_codes(hqq_layer.W_q.data.numpy(), n, x.shape[1], layer_from_meta("l", hqq_layer.W_q.data, hqq_layer.meta, None).fmt)
-    blocks = x.reshape(x.shape[0], -1, 16)
+    codes = unpack_codes(hqq_layer.W_q.data.numpy(), n, x.shape[1], fmt)
+    container = 2 if fmt.nbits <= 2 else 4  # MatMulNBits' code width: 3-bit codes in 4 bits
+    blocks = x.reshape(x.shape[0], -1, 32 // container)
     largest = np.abs(blocks).max(axis=-1, keepdims=True)
     inverse = np.where(largest > 0, np.float32(127) / np.where(largest > 0, largest, 1), 0).astype(np.float32)
     rounded = np.rint(blocks * inverse) * (largest / np.float32(127)).astype(np.float32)

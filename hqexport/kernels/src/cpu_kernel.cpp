@@ -807,8 +807,9 @@ bool fast_gemv(const Problem& p, const Runner& runner) {
 
 // ---- int8 GEMV (accuracy_level 4: M < 4, fp32 compute and activations, axis 1, 2- or 4-bit uint8 words; AVX2) ----
 //
-// MatMulNBits' accuracy level 4 allows int8 activations, and so does this path. Each block of 16 inputs of A is
-// quantized symmetrically (a_b = max |A| / 127, qa = round(A / a_b)); per group of W
+// MatMulNBits' accuracy level 4 allows int8 activations, and so does this path. Each block of 4 PER inputs of A
+// (8 at 4 bits, 16 at 2: one int32 lane's, quantize_row) is quantized symmetrically (a_b = max |A| / 127,
+// qa = round(A / a_b)); per group of W
 //
 //     sum_k A[k] (q[k] - z) s  ~  s * sum_b a_b * (sum_{k in b} qa[k] q[k])  -  s * z * (sum_k A[k])
 //
@@ -816,13 +817,10 @@ bool fast_gemv(const Problem& p, const Runner& runner) {
 // (HQQ's fractional zeros cost nothing here). A chunk is 32 bytes of a row of W, 32 * PER codes: vpmaddubsw
 // multiplies the unsigned codes of one shift (bytes masked to BITS bits) with int8 A permuted into the same
 // order and adds pairs into int16 (at most 2 * PER * 15 * 127, no saturation), vpmaddwd adds pairs of those into
-// int32. Lane l of that vector holds the chunk's bytes 4l .. 4l+3, so a block of A covers 4 / PER lanes and a
+// int32. Lane l of that vector holds the chunk's bytes 4l .. 4l+3, 4 PER codes: one block of A, and a
 // group of g codes g / (4 PER) lanes: one group spans whole chunks (g a multiple of 32 * PER), or a chunk holds
 // two groups (g = 16 * PER, SPLIT), its lanes 0-3 in the first.
 #ifdef __AVX2__
-// Inputs of A per int8 scale: 16, not MatMulNBits' 32, costs nothing (each lane reads its block's scale either
-// way) and took 1 - cosine of SmolLM2's logits against the exact model from 3.2e-4 to 1.9e-4 (validate).
-constexpr int64_t kQuantBlock = 16;
 
 constexpr int64_t int8_chunk(int bits) { return 32 * (8 / bits); }
 constexpr int64_t kInt8Ahead = 4;  // rows between a row of W and the one whose codes it prefetches
@@ -961,12 +959,16 @@ bool int8_applies(const Problem& p) {
   return p.K % chunk == 0 && (p.group_size % chunk == 0 || 2 * p.group_size == chunk);
 }
 
-// One row of A for the int8 path: per block of kQuantBlock inputs a = max |x| / 127 and codes round(x / a), stored per chunk
-// in the codes' order (Int8Job::Aq), and each int32 lane's block scale (Int8Job::Ascales). PER is a constant so
-// that the permutation costs shifts, not divisions.
+// One row of A for the int8 path: per block of an int32 lane's 4 PER inputs a = max |x| / 127 and codes
+// round(x / a), stored per chunk in the codes' order (Int8Job::Aq), and each lane's block scale (Int8Job::Ascales).
+// A block per lane, not MatMulNBits' 32 inputs, costs the products nothing (each lane reads its own scale either
+// way); at 4 bits (8 inputs) it took 1 - cosine of SmolLM2's decode logits against the exact model (validate, an
+// --accuracy-level 4 export) from 2.3e-4 at 16 inputs (3.2e-4 at 32) to 1.5e-4. PER is a constant so that the
+// permutation costs shifts, not divisions.
 template <int PER>
 void quantize_row(const float* a, int64_t K, int8_t* aq, float* ascales) {
   constexpr int64_t kChunk = 32 * PER;
+  constexpr int64_t kQuantBlock = 4 * PER;
   for (int64_t c = 0; c < K / kChunk; ++c) {
     const float* x = a + c * kChunk;
     int8_t* out = aq + c * kChunk;
@@ -983,7 +985,7 @@ void quantize_row(const float* a, int64_t K, int8_t* aq, float* ascales) {
         out[(t % PER) * 32 + t / PER] = static_cast<int8_t>(std::nearbyint(xb[k] * inverse));
       }
     }
-    for (int l = 0; l < 8; ++l) ascales[c * 8 + l] = block_scales[4 * PER * l / kQuantBlock];
+    for (int l = 0; l < 8; ++l) ascales[c * 8 + l] = block_scales[l];
   }
 }
 
