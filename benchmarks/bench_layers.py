@@ -4,7 +4,8 @@
 
 For each layer (hqq 4-bit, group 64, axis 1, fractional zero points) and M = 1 and 128 it times:
 fp32 MatMul on the dequantized weight; MatMulNBits with float zero points (what onnxruntime's own HQQ
-quantizer emits); the hqexport lowering (uint8 zero points + exact correction) at accuracy levels 0 and 4;
+quantizer emits); the hqexport lowering (uint8 zero points + exact correction) at accuracy levels 0 and 4, as
+stock ops and as the hqexport.HQQMatMulNBits node that convert writes, run by the compiled kernels library;
 the hqexport.HQQMatMul function body with constant folding off (its real cost) and on (folded to fp32).
 Every speed is also given as a ratio to fp32 MatMul from the same run, and the bandwidth-bound limit
 (bytes of weights read ÷ measured memory bandwidth) is printed beside it.
@@ -13,6 +14,7 @@ Every speed is also given as a ratio to fp32 MatMul from the same run, and the b
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, median_seconds, memory_bandwidth_gbs, report
 
+from hqexport.kernels import register
 from hqexport.lower import LowerToMatMulNBits
 from hqexport.ops import canonical_weight
 from hqexport.ops.function import attach_function
@@ -46,8 +49,8 @@ def _model(nodes, inits, k: int, n: int, domains: dict[str, int]) -> onnx.ModelP
     return helper.make_model(graph, opset_imports=opsets, ir_version=10)
 
 
-def variants(hqq_layer: HQQLinear, n: int, k: int) -> dict[str, tuple[onnx.ModelProto, list[str]]]:
-    """name -> (model, disabled optimizers)."""
+def variants(hqq_layer: HQQLinear, n: int, k: int) -> dict[str, tuple[onnx.ModelProto, list[str], bool]]:
+    """name -> (model, disabled optimizers, whether the session registers the kernels library)."""
     layer = layer_from_meta("layer", hqq_layer.W_q.data, hqq_layer.meta, None)
     weight = hqq_layer.dequantize().float().numpy()
     blocks = k // layer.fmt.group_size
@@ -71,17 +74,19 @@ def variants(hqq_layer: HQQLinear, n: int, k: int) -> dict[str, tuple[onnx.Model
     )
     attach_function(hqq_op)
     lowered = {}
-    for level in (0, 4):
+    for ops, level in itertools.product(("ort", "auto"), (0, 4)):
         ir_model = ir.serde.deserialize_model(hqq_op)
-        LowerToMatMulNBits("ort", accuracy_level=level)(ir_model)
-        lowered[level] = ir.serde.serialize_model(ir_model)
+        LowerToMatMulNBits(ops, accuracy_level=level)(ir_model)
+        lowered[ops, level] = ir.serde.serialize_model(ir_model)
     return {
-        "fp32 MatMul": (fp32, []),
-        "MatMulNBits float zp": (float_zp, []),
-        "hqexport lowered acc0": (lowered[0], []),
-        "hqexport lowered acc4": (lowered[4], []),
-        "hqexport op, no folding": (hqq_op, ["ConstantFolding"]),
-        "hqexport op, folded": (hqq_op, []),
+        "fp32 MatMul": (fp32, [], False),
+        "MatMulNBits float zp": (float_zp, [], False),
+        "hqexport lowered acc0": (lowered["ort", 0], [], False),
+        "hqexport lowered acc4": (lowered["ort", 4], [], False),
+        "hqexport kernel acc0": (lowered["auto", 0], [], True),
+        "hqexport kernel acc4": (lowered["auto", 4], [], True),
+        "hqexport op, no folding": (hqq_op, ["ConstantFolding"], False),
+        "hqexport op, folded": (hqq_op, [], False),
     }
 
 
@@ -105,9 +110,11 @@ def main() -> None:
             x = np.random.default_rng(0).standard_normal((m, k), dtype=np.float32)
             reference = x.astype(np.float64) @ hqq_layer.dequantize().double().numpy().T
             baseline = None
-            for name, (model, disabled) in variants(hqq_layer, n, k).items():
+            for name, (model, disabled, with_kernels) in variants(hqq_layer, n, k).items():
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = args.threads
+                if with_kernels:
+                    register(options, build=True)
                 session = ort.InferenceSession(model.SerializeToString(), options, disabled_optimizers=disabled)
                 y = session.run(None, {"A": x})[0]
                 seconds = median_seconds(lambda: session.run(None, {"A": x}), repeats=10 if m == 1 else 3)

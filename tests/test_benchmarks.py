@@ -21,6 +21,8 @@ LAYER_VARIANTS = {
     "MatMulNBits float zp",
     "hqexport lowered acc0",
     "hqexport lowered acc4",
+    "hqexport kernel acc0",
+    "hqexport kernel acc4",
     "hqexport op, no folding",
     "hqexport op, folded",
 }
