@@ -10,6 +10,7 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -605,6 +606,8 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
   ONNXTensorElementDataType act_;
 };
 
+constexpr const char* kShortlistOp = "GridShortlist";
+
 // GridShortlist (ops/shortlist.py): logits [..., V] and X [..., H] with the same leading dims, the grid's codes
 // [V, H] and its scales and zero points [V, H / block_size]; their element types are the op's declared ones.
 struct ShortlistKernel {
@@ -644,7 +647,7 @@ struct ShortlistKernel {
       Shortlist s;
       std::vector<int64_t> y_shape;
       const std::string message = describe(ctx, s, y_shape);
-      if (!message.empty()) return error("GridShortlist", node, message);
+      if (!message.empty()) return error(kShortlistOp, node, message);
       s.logits = ctx.GetInput(0).GetTensorData<float>();
       s.X = ctx.GetInput(1).GetTensorData<float>();
       s.codes = ctx.GetInput(2).GetTensorData<uint8_t>();
@@ -653,9 +656,9 @@ struct ShortlistKernel {
       s.Y = ctx.GetOutput(0, y_shape).GetTensorMutableData<float>();
       if (s.positions == 0) return nullptr;
       const Runner runner{ctx.GetOrtKernelContext(), &ort_parallel_for};
-      return grid_shortlist(s, runner) ? nullptr : error("GridShortlist", node, "out of memory");
+      return grid_shortlist(s, runner) ? nullptr : error(kShortlistOp, node, "out of memory");
     } catch (const std::exception& e) {
-      return error("GridShortlist", node, e.what());
+      return error(kShortlistOp, node, e.what());
     }
   }
 };
@@ -668,20 +671,20 @@ struct ShortlistOp : Ort::CustomOpBase<ShortlistOp, ShortlistKernel, true> {
       auto kernel = std::make_unique<ShortlistKernel>();
       kernel->node = node;
       if (!read_int_attribute(info, "k", kernel->k) || !read_int_attribute(info, "block_size", kernel->block_size)) {
-        return error("GridShortlist", node, "missing or non-integer attribute 'k' or 'block_size'");
+        return error(kShortlistOp, node, "missing or non-integer attribute 'k' or 'block_size'");
       }
-      if (kernel->k < 1) return error("GridShortlist", node, "k must be positive, got " + std::to_string(kernel->k));
+      if (kernel->k < 1) return error(kShortlistOp, node, "k must be positive, got " + std::to_string(kernel->k));
       if (kernel->block_size < 16 || (kernel->block_size & (kernel->block_size - 1)) != 0) {
-        return error("GridShortlist", node, "block_size must be a power of 2 >= 16, got " + std::to_string(kernel->block_size));
+        return error(kShortlistOp, node, "block_size must be a power of 2 >= 16, got " + std::to_string(kernel->block_size));
       }
       *out = kernel.release();
       return nullptr;
     } catch (const std::exception& e) {
-      return error("GridShortlist", node, e.what());
+      return error(kShortlistOp, node, e.what());
     }
   }
 
-  const char* GetName() const { return "GridShortlist"; }
+  const char* GetName() const { return kShortlistOp; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 5; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
@@ -701,14 +704,14 @@ void add_hqq_ops(Ort::CustomOpDomain& domain) {
 
 // The ops with fp32 activations only, on the CPU: the HQQMatMulNBits family, HalfMatMul and GridShortlist.
 void add_fp32_ops(Ort::CustomOpDomain& domain) {
-  static ShortlistOp shortlist;
-  domain.Add(&shortlist);
   static Op<CpuKernel> nbits(kNbitsSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   static Op<CpuKernel> nbits_lora(kNbitsLoraSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   static Op<CpuKernel> nbits_swiglu(kNbitsSwigluSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   static Op<CpuKernel> nbits_lora_swiglu(kNbitsLoraSwigluSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   static Op<CpuKernel> half(kHalfSpec, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   for (auto* op : {&nbits, &nbits_lora, &nbits_swiglu, &nbits_lora_swiglu, &half}) domain.Add(op);
+  static ShortlistOp shortlist;
+  domain.Add(&shortlist);
 }
 
 // Domains must outlive every session that uses them: kept until the library is unloaded.

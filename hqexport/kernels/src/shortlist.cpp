@@ -1,7 +1,7 @@
 // hqexport::GridShortlist (ops/shortlist.py): per position, the logits copied, their k largest entries found
 // (TopK's choice: of equal values the lower index), and each replaced by X . row, the row dequantized as
 // GatherBlockQuantized does it: (code - zero point) * scale, one rounding, so the fp head's value exactly. One pass
-// over the logits and k rows of the grid, where the function body's five nodes each dispatch and copy.
+// over the logits and k rows of the grid, where the function body's six stock nodes each dispatch and copy.
 #include "shortlist.h"
 
 #include <algorithm>
@@ -21,7 +21,8 @@ struct Entry {
 bool better(const Entry& a, const Entry& b) { return a.value > b.value || (a.value == b.value && a.index < b.index); }
 
 // The k best entries of v[0, n) in kept[0, k) (in no order): a heap whose front is the worst one kept. A run of 8
-// values none above that one's costs one vector comparison; a value equal to it comes later, so it is worse.
+// values none above that one's costs 8 comparisons and no heap work; a value equal to it comes later, so it is
+// worse.
 void top_k(const float* v, int64_t n, int64_t k, Entry* kept) {
   for (int64_t i = 0; i < k; ++i) kept[i] = {v[i], i};
   std::make_heap(kept, kept + k, better);
