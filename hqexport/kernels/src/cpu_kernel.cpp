@@ -819,9 +819,8 @@ bool fast_gemv(const Problem& p, const Runner& runner) {
 // order and adds pairs into int16 (at most 2 * PER * 15 * 127, no saturation), vpmaddwd adds pairs of those into
 // int32. Lane l of that vector holds the chunk's bytes 4l .. 4l+3, 4 PER codes: one block of A, and a
 // group of g codes g / (4 PER) lanes: one group spans whole chunks (g a multiple of 32 * PER), or a chunk holds
-// two groups (g = 16 * PER, SPLIT), its lanes 0-3 in the first.
+// two groups (g = 16 * PER, GroupSpan::kHalfChunk), its lanes 0-3 in the first.
 #ifdef __AVX2__
-
 constexpr int64_t int8_chunk(int bits) { return 32 * (8 / bits); }
 constexpr int64_t kInt8Ahead = 4;  // rows between a row of W and the one whose codes it prefetches
 
