@@ -47,6 +47,7 @@ import onnx
 from onnx import FunctionProto, helper
 from onnx.defs import OpSchema
 
+from hqexport.ops.body import attribute_reference, function
 from hqexport.ops.schema import DOMAIN, MS_DOMAIN, SINCE_VERSION
 
 OP_TYPE = "HQQMatMulNBits"
@@ -119,17 +120,10 @@ SCHEMAS = {OP_TYPE: build_schema, LORA_OP_TYPE: build_lora_schema, SWIGLU_OP_TYP
            LORA_SWIGLU_OP_TYPE: build_lora_swiglu_schema}
 
 
-def _attribute_reference(attribute: str, name: str, kind: int) -> onnx.AttributeProto:
-    """`attribute` of a node in a function body, taken from the function's attribute `name`."""
-    reference = helper.make_attribute_ref(attribute, kind)
-    reference.ref_attr_name = name
-    return reference
-
-
 def _layer_nodes(output: str) -> list[onnx.NodeProto]:
     """HQQMatMulNBits' expression (module docstring) in stock ops, written to `output`."""
     matmul_nbits = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points"], ["quantized"], domain=MS_DOMAIN)
-    matmul_nbits.attribute.extend(_attribute_reference(name, name, helper.AttributeProto.INT) for name in (*ATTRIBUTES, ACCURACY_LEVEL))
+    matmul_nbits.attribute.extend(attribute_reference(name, name, helper.AttributeProto.INT) for name in (*ATTRIBUTES, ACCURACY_LEVEL))
     return [
         matmul_nbits,
         helper.make_node("MatMul", ["A", "group_sum"], ["block_sums"]),
@@ -149,9 +143,9 @@ def _lora_nodes(base: str, output: str) -> list[onnx.NodeProto]:
         return helper.make_node(op_type, inputs, [output], **attributes)
 
     columns = helper.make_node("Constant", [], ["lora.columns"])
-    columns.attribute.append(_attribute_reference("value_ints", LORA_COLUMNS, helper.AttributeProto.INTS))
+    columns.attribute.append(attribute_reference("value_ints", LORA_COLUMNS, helper.AttributeProto.INTS))
     n_columns = helper.make_node("Constant", [], ["lora.n"])
-    n_columns.attribute.append(_attribute_reference("value_int", "N", helper.AttributeProto.INT))
+    n_columns.attribute.append(attribute_reference("value_int", "N", helper.AttributeProto.INT))
     int64 = onnx.TensorProto.INT64
     return [
         node("Constant", [], "lora.0", value_int=0),
@@ -211,42 +205,29 @@ def _swiglu_nodes(product: str, output: str) -> list[onnx.NodeProto]:
     ]
 
 
-def _function(op_type: str, inputs: tuple[str, ...], nodes: list[onnx.NodeProto], attributes: list[str], opset: int, doc: str) -> FunctionProto:
-    return helper.make_function(
-        DOMAIN,
-        op_type,
-        inputs=list(inputs),
-        outputs=["Y"],
-        nodes=nodes,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
-        attributes=attributes,
-        doc_string=doc,
-    )
-
-
 def hqq_matmul_nbits_function(opset: int) -> FunctionProto:
     """The model-local function: the stock-op expression of the module docstring."""
     doc = "hqexport::HQQMatMulNBits body: MatMulNBits with uint8 zero points plus the zero-point correction"
-    return _function(OP_TYPE, INPUTS, _layer_nodes("Y"), [*ATTRIBUTES, ACCURACY_LEVEL, COMPUTE_DTYPE], opset, doc)
+    return function(OP_TYPE, INPUTS, _layer_nodes("Y"), [*ATTRIBUTES, ACCURACY_LEVEL, COMPUTE_DTYPE], opset, doc)
 
 
 def hqq_matmul_nbits_lora_function(opset: int) -> FunctionProto:
     """HQQMatMulNBitsLoRA's function: HQQMatMulNBits' body plus the LoRA branch (slow, but folds nothing to fp32)."""
     doc = "hqexport::HQQMatMulNBitsLoRA body: HQQMatMulNBits' plus a LoRA branch per segment of output columns"
-    return _function(LORA_OP_TYPE, LORA_INPUTS, _layer_nodes("base") + _lora_nodes("base", "Y"), [*ATTRIBUTES, ACCURACY_LEVEL, COMPUTE_DTYPE, LORA_COLUMNS], opset, doc)
+    return function(LORA_OP_TYPE, LORA_INPUTS, _layer_nodes("base") + _lora_nodes("base", "Y"), [*ATTRIBUTES, ACCURACY_LEVEL, COMPUTE_DTYPE, LORA_COLUMNS], opset, doc)
 
 
 def hqq_matmul_nbits_swiglu_function(opset: int) -> FunctionProto:
     """HQQMatMulNBitsSwiGLU's function: HQQMatMulNBits' body, then the gating."""
     doc = "hqexport::HQQMatMulNBitsSwiGLU body: HQQMatMulNBits' of a packed gate/up projection, then silu(gate) * up"
-    return _function(SWIGLU_OP_TYPE, INPUTS, _layer_nodes("product") + _swiglu_nodes("product", "Y"), [*ATTRIBUTES, ACCURACY_LEVEL, COMPUTE_DTYPE], opset, doc)
+    return function(SWIGLU_OP_TYPE, INPUTS, _layer_nodes("product") + _swiglu_nodes("product", "Y"), [*ATTRIBUTES, ACCURACY_LEVEL, COMPUTE_DTYPE], opset, doc)
 
 
 def hqq_matmul_nbits_lora_swiglu_function(opset: int) -> FunctionProto:
     """HQQMatMulNBitsLoRASwiGLU's function: HQQMatMulNBitsLoRA's body, then the gating."""
     doc = "hqexport::HQQMatMulNBitsLoRASwiGLU body: HQQMatMulNBitsLoRA's of a packed gate/up projection, then silu(gate) * up"
     nodes = _layer_nodes("base") + _lora_nodes("base", "product") + _swiglu_nodes("product", "Y")
-    return _function(LORA_SWIGLU_OP_TYPE, LORA_INPUTS, nodes, [*ATTRIBUTES, ACCURACY_LEVEL, COMPUTE_DTYPE, LORA_COLUMNS], opset, doc)
+    return function(LORA_SWIGLU_OP_TYPE, LORA_INPUTS, nodes, [*ATTRIBUTES, ACCURACY_LEVEL, COMPUTE_DTYPE, LORA_COLUMNS], opset, doc)
 
 
 #: op type -> its function body builder (by opset)

@@ -20,10 +20,10 @@ The rescored values are fp32 dot products; kernel and body sum them in different
 
 from __future__ import annotations
 
-import onnx
 from onnx import FunctionProto, helper
 from onnx.defs import OpSchema
 
+from hqexport.ops.body import attribute_reference, function
 from hqexport.ops.schema import DOMAIN, MS_DOMAIN, SINCE_VERSION
 
 OP_TYPE = "GridShortlist"
@@ -54,19 +54,13 @@ def build_schema() -> OpSchema:
     )
 
 
-def _attribute_reference(attribute: str, name: str) -> onnx.AttributeProto:
-    reference = helper.make_attribute_ref(attribute, helper.AttributeProto.INT)
-    reference.ref_attr_name = name
-    return reference
-
-
 def grid_shortlist_function(opset: int) -> FunctionProto:
     """The body: TopK's tokens, their rows by GatherBlockQuantized, their dot products with X, scattered back."""
     count = helper.make_node("Constant", [], ["k_scalar"])
-    count.attribute.append(_attribute_reference("value_int", "k"))
+    count.attribute.append(attribute_reference("value_int", "k"))
     rows = helper.make_node("GatherBlockQuantized", ["codes", "tokens", "scales", "zero_points"], ["rows"], domain=MS_DOMAIN,
                             bits=8, quantize_axis=1, gather_axis=0)
-    rows.attribute.append(_attribute_reference("block_size", "block_size"))
+    rows.attribute.append(attribute_reference("block_size", "block_size"))
     nodes = [
         count,
         helper.make_node("Constant", [], ["last_axis"], value_ints=[-1]),
@@ -78,17 +72,8 @@ def grid_shortlist_function(opset: int) -> FunctionProto:
         helper.make_node("Squeeze", ["products", "last_axis"], ["rescored"]),
         helper.make_node("ScatterElements", ["logits", "tokens", "rescored"], ["Y"], axis=-1),
     ]
-    return helper.make_function(
-        DOMAIN,
-        OP_TYPE,
-        inputs=list(INPUTS),
-        outputs=["Y"],
-        nodes=nodes,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
-        attributes=list(ATTRIBUTES),
-        doc_string="hqexport::GridShortlist body: TopK, GatherBlockQuantized, MatMul, ScatterElements",
-    )
-
+    doc = "hqexport::GridShortlist body: TopK, GatherBlockQuantized, MatMul, ScatterElements"
+    return function(OP_TYPE, INPUTS, nodes, list(ATTRIBUTES), opset, doc)
 
 SCHEMAS = {OP_TYPE: build_schema}
 FUNCTIONS = {OP_TYPE: grid_shortlist_function}
