@@ -73,6 +73,21 @@ def test_lora_node_matches_numpy(segments, runtime, factor_dtype, rank, request)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("rank", [5, 12])
+def test_fp16_factors_compute_what_the_same_fp32_factors_compute(rank, library):
+    """Factors that are float16 values (what convert's --adapter-dtype auto stores as fp16) give the fp32 node's
+    output bit for bit in the kernel, at every row count: widening is exact and the arithmetic is the same."""
+    outputs = {}
+    for dtype in (np.float32, np.float16):
+        model, _, group = _fused_model(SEGMENTS["odd widths"], factor_dtype=dtype)
+        factors = {name: value.astype(np.float16).astype(dtype) for name, value in _factors(group, rank=rank).items()}
+        session = _session(model, library)
+        outputs[dtype] = [session.run(None, {"A": np.random.default_rng(rows).standard_normal((rows, K)).astype(np.float32), **factors})[0]
+                          for rows in ROWS]
+    for fp32, fp16 in zip(outputs[np.float32], outputs[np.float16]):
+        np.testing.assert_array_equal(fp16, fp32)
+
+
 @pytest.mark.parametrize("runtime", ["kernel", "function body"])
 def test_baked_lora_node_matches_numpy(runtime, request):
     """Bake mode: the factors are constants of the node, with the same result."""
