@@ -87,11 +87,13 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option(
     "--adapter-dtype",
     type=click.Choice(options.ADAPTER_DTYPES),
-    default="fp32",
+    default="auto",
     show_default=True,
     help="dtype of the LoRA factors inside the layers' nodes (separate and bake with the kernels library). fp16 "
-    "halves the bytes an active adapter reads per token (faster decode at high ranks) but rounds the factors: "
-    "lossy, recorded per adapter, and validate judges that adapter by top-1 agreement.",
+    "halves the bytes an active adapter reads per token (faster decode). auto: fp16 when every factor of every "
+    "adapter is a float16 value (adapters trained and saved in float16 or bfloat16 often are), else fp32: exact "
+    "either way. fp16: rounds factors that are not: lossy, recorded per adapter, and validate judges that adapter "
+    "by top-1 agreement.",
 )
 @click.option(
     "--ops",

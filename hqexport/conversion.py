@@ -98,14 +98,15 @@ def convert(
     with_kernels: bool | None = None,
     adapters: Sequence[str] = (),
     adapter_mode: str | None = None,
-    adapter_dtype: str = "fp32",
+    adapter_dtype: str = "auto",
     force: bool = False,
     progress: bool = True,
 ) -> ConvertSummary:
     """Export `source` to the folder `out`; see the module docstring. User mistakes raise HQExportError.
 
     adapters: `[NAME=]PATH` arguments (PEFT adapter folders); adapter_mode: separate (default with adapters),
-    bake or merge; adapter_dtype: the factors' dtype where LoRA lives inside the layers' nodes (fp16: lossy).
+    bake or merge; adapter_dtype: the factors' dtype where LoRA lives inside the layers' nodes (auto: fp16 when
+    that holds every factor exactly, else fp32; fp16: rounds the others, lossy).
     ops: auto (MatMulNBits where it is exact, hqexport op elsewhere), hqq (hqexport op everywhere) or ort
     (MatMulNBits everywhere, an error for a layer it cannot express). accuracy_level: of the
     MatMulNBits nodes (ACCURACY_LEVELS); 1 computes float16 / bfloat16 layers' weights in fp32, 4 uses int8
@@ -134,7 +135,7 @@ def convert(
         raise HQExportError(f"--adapters {adapter_mode} needs at least one --adapter")
     if adapter_dtype not in ADAPTER_DTYPES:
         raise HQExportError(f"--adapter-dtype {adapter_dtype!r} is not supported; choose {', '.join(ADAPTER_DTYPES)}")
-    if adapter_dtype != "fp32" and (not adapters or adapter_mode == "merge"):
+    if adapter_dtype == "fp16" and (not adapters or adapter_mode == "merge"):
         raise HQExportError(f"--adapter-dtype {adapter_dtype} sets how --adapter factors are stored; there are none to store"
                             + (" (--adapters merge folds them into the weights)" if adapters else ""))
     mode = adapter_mode or "separate"
@@ -180,7 +181,7 @@ def convert(
         targets = {module for spec in specs for module in spec.modules} if mode != "merge" else set()
         # LoRA inside the kernel's nodes (adapters/fused.py) where they all run on it; else a branch per target
         fused_lora = bool(targets) and fp32_kernel and _lora_fuses(qmodel, specs, targets)
-        if adapter_dtype != "fp32" and not fused_lora:
+        if adapter_dtype == "fp16" and not fused_lora:
             raise HQExportError(
                 f"--adapter-dtype {adapter_dtype} needs the adapters inside the layers' nodes: --ops auto, --dtype fp32, the "
                 "kernels library, no DoRA, every target layer lowerable"

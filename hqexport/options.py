@@ -16,7 +16,9 @@ DTYPES = ("fp32", "fp16")
 LM_HEADS = ("fp32", "int8", "int4")
 #: what happens to LoRA adapters: hot-swappable files, baked into the graph, or merged by re-quantization
 ADAPTER_MODES = ("separate", "bake", "merge")
-#: dtype of LoRA factors inside the layers' nodes: fp32 (exact) or fp16 (half the bytes, rounded: lossy)
-ADAPTER_DTYPES = ("fp32", "fp16")
+#: dtype of LoRA factors inside the layers' nodes: auto (fp16 when every factor is a float16 value, as adapters
+#: trained in float16 or bfloat16 often are, else fp32: exact either way), fp32, or fp16 (half the bytes; factors
+#: that are not float16 values are rounded: lossy)
+ADAPTER_DTYPES = ("auto", "fp32", "fp16")
 #: onnxruntime execution providers validate runs the export on
 PROVIDERS = ("cpu", "cuda")

@@ -129,7 +129,7 @@ def test_fp16_adapter_factors_are_recorded_and_judged_as_lossy(source, lora_adap
         assert result.exit_code == 0, result.output
         manifest = json.loads((out / "hqexport.json").read_text())
         entry = manifest["adapters"][ADAPTER]
-        assert entry["factor_dtype"] == dtype and manifest["model"]["lossy"] == []
+        assert entry["factor_dtype"] == dtype and entry["factors_rounded"] == (dtype == "fp16") and manifest["model"]["lossy"] == []
         files[dtype] = read_adapter_file(out / entry["file"])
     assert files["fp16"].keys() == files["fp32"].keys()
     rounded = [np.any(files["fp16"][name].astype(np.float32) != files["fp32"][name]) for name in files["fp32"] if files["fp32"][name].size]
@@ -145,6 +145,47 @@ def test_fp16_adapter_factors_are_recorded_and_judged_as_lossy(source, lora_adap
     assert adapter["status"] == "PASS" and adapter["threshold"] == {"top1_agreement": 0.95} and "lossy: fp16 factors" in adapter["message"]
     assert 0 < adapter["figures"]["relative"] < 0.01 * adapter["figures"]["adapter_effect_relative"]  # a rounding, not a new adapter
     assert "relative" in checks["logits"]["threshold"]  # the base model is still held to exactness
+
+
+def _bfloat16_copy(adapter: Path, folder: Path) -> Path:
+    """`adapter` as if trained and saved in bfloat16: its factors rounded to bfloat16 (values below float16's
+    normal range set to 0) and stored in that dtype."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, folder)
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    half = {name: torch.where(t.abs() < 2.0**-14, 0.0, t).to(torch.bfloat16) for name, t in tensors.items()}
+    save_file(half, weights)
+    return folder
+
+
+def test_adapter_factors_that_are_float16_values_are_stored_in_fp16_exactly(source, lora_adapter, tmp_path):
+    """--adapter-dtype auto (the default): a bfloat16 adapter's factors (x 2, its scaling) are float16 values, so
+    they are stored in fp16, recorded as not rounded, and the export computes exactly what fp32 factors compute:
+    validate holds it to exactness and measures the same figures. The trained fp32 adapter keeps fp32 factors."""
+    half_adapter = _bfloat16_copy(lora_adapter, tmp_path / "bf16-lora")
+    runs = {"auto": (half_adapter, []), "fp32": (half_adapter, ["--adapter-dtype", "fp32"]), "trained": (lora_adapter, [])}
+    entries, files, checks = {}, {}, {}
+    for run, (adapter, options) in runs.items():
+        out = tmp_path / run
+        result = CliRunner().invoke(main, ["convert", str(source), "-o", str(out), "--adapter", f"{ADAPTER}={adapter}", *options])
+        assert result.exit_code == 0, result.output
+        entries[run] = json.loads((out / "hqexport.json").read_text())["adapters"][ADAPTER]
+        files[run] = read_adapter_file(out / entries[run]["file"])
+        report_file = tmp_path / f"{run}.json"
+        result = CliRunner().invoke(main, ["validate", str(out), "--adapter", "all", "--tokens", "8", "--json", str(report_file)])
+        assert result.exit_code == 0, result.output
+        checks[run] = {check["name"]: check for check in json.loads(report_file.read_text())["checks"]}[f"adapter:{ADAPTER}"]
+    assert {run: (entry["factor_dtype"], entry["factors_rounded"]) for run, entry in entries.items()} == {
+        "auto": ("fp16", False), "fp32": ("fp32", False), "trained": ("fp32", False)}
+    assert files["auto"].keys() == files["fp32"].keys()
+    for name, factors in files["fp32"].items():
+        assert files["auto"][name].dtype == np.float16
+        np.testing.assert_array_equal(files["auto"][name].astype(np.float32), factors)
+    assert checks["auto"]["status"] == "PASS" and "lossy" not in checks["auto"]["message"]
+    assert "relative" in checks["auto"]["threshold"]  # held to exactness, not to top-1 agreement
+    assert checks["auto"]["figures"] == checks["fp32"]["figures"]  # the same logits, bit for bit
 
 
 def test_accuracy_level_4_is_recorded_and_validate_measures_what_it_costs(source, tmp_path):

@@ -43,6 +43,15 @@ class AdapterExport:
         return {name: write_adapter_file(Path(folder) / adapter_file(name), params) for name, params in self.files.items()}
 
 
+def rounded_in_fp16(spec: AdapterSpec) -> bool:
+    """Whether storing the adapter's factors (as the nodes take them: lora_matmul_weights) in float16 changes any."""
+    for weights in spec.modules.values():
+        for factor in lora_matmul_weights(weights, np.dtype(np.float32)):
+            if not np.array_equal(factor.astype(np.float16).astype(np.float32), factor):
+                return True
+    return False
+
+
 def _check_targets(adapters: Sequence[AdapterSpec], layers: Mapping[str, LayerNode]) -> None:
     for spec in adapters:
         for module, weights in spec.modules.items():
@@ -89,8 +98,9 @@ def apply_adapters(
     fill_untouched: in separate mode each adapter file also holds rank-0 factors for the branches it does not
     use, so activating it alone always means exactly that adapter (at the price of never combining adapters).
     fused: LoRA inside the targets' HQQMatMulNBits nodes (fused.py); otherwise a branch beside each target node (graph.py).
-    factor_dtype: the factors' dtype inside the nodes (fused only): fp32, or fp16 (lossy: recorded in each adapter's
-    manifest entry as factor_dtype, and validate judges the adapter as lossy).
+    factor_dtype: the factors' dtype inside the nodes (fused only; branches are fp32): fp32, fp16, or auto (fp16 when
+    no adapter's factors round in it, else fp32). Each adapter's manifest entry records factor_dtype and
+    factors_rounded; validate judges an adapter whose factors were rounded as lossy.
     """
     if mode not in ("separate", "bake"):
         raise HQExportError(f"--adapters {mode}: apply_adapters handles separate and bake (merge comes before export)")
@@ -100,7 +110,7 @@ def apply_adapters(
         raise HQExportError(f"--adapters bake builds one model per adapter; got {len(adapters)} adapters")
     np_dtype, act_dtype = _DTYPES[dtype]
     _check_targets(adapters, layers)
-    if factor_dtype != "fp32" and not fused:
+    if factor_dtype == "fp16" and not fused:
         raise HQExportError(f"--adapter-dtype {factor_dtype} applies to LoRA inside the layers' nodes; these adapters need branches")
 
     dora_modules = {m for spec in adapters if spec.use_dora for m in spec.modules}
@@ -108,9 +118,13 @@ def apply_adapters(
     if fused:
         if dora_modules:
             raise HQExportError("DoRA adapters need LoRA branches; they do not fuse into the layers' nodes")
+        rounded = {spec.name: factor_dtype != "fp32" and rounded_in_fp16(spec) for spec in adapters}
+        if factor_dtype == "auto":
+            factor_dtype = "fp32" if any(rounded.values()) else "fp16"
         export = _apply_fused(model, layers, adapters, mode, modules, _DTYPES[factor_dtype][0], fill_untouched)
-        for entry in export.manifest.values():
+        for name, entry in export.manifest.items():
             entry["factor_dtype"] = factor_dtype
+            entry["factors_rounded"] = factor_dtype == "fp16" and rounded[name]
         return export
     branches: dict[str, Branch] = {}
     for module in modules:

@@ -101,8 +101,10 @@ def check_adapter(ctx: Context, name: str) -> CheckResult:
         "decisive_top1_mismatches": top1.decisive_mismatches,
         "adapter_effect_relative": effect.relative,  # how much the adapter moves the reference logits
     }
-    # fp16 factors (convert --adapter-dtype fp16) round the adapter: its loss is measured like a lossy export's
-    lossy = [*ctx.lossy, *([f"{entry['factor_dtype']} factors"] if entry.get("factor_dtype", "fp32") != "fp32" else [])]
+    # factors rounded to fp16 (convert --adapter-dtype fp16) change the adapter: its loss is measured like a lossy
+    # export's. A manifest from before factors_rounded was recorded: fp16 factors count as rounded.
+    rounded = entry.get("factors_rounded", entry.get("factor_dtype", "fp32") != "fp32")
+    lossy = [*ctx.lossy, *([f"{entry['factor_dtype']} factors (rounded)"] if rounded else [])]
     failures, threshold = judge_logits(ctx, diff, top1, lossy=bool(lossy))
     summary = f"relative {diff.relative:.3g}, cosine {diff.cosine:.6f}, top-1 {top1.fraction:.1%}"
     message = f"adapter {name}: " + ("; ".join(failures) if failures else summary) + (f" (lossy: {', '.join(lossy)})" if lossy else "")
