@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,9 @@ def _peft(model: torch.nn.Module, source: Path, name: str) -> torch.nn.Module:
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(source), adapter_name=name, is_trainable=False)
+        with warnings.catch_warnings():  # peft calls transformers APIs that warn of their own deprecation
+            warnings.simplefilter("ignore", FutureWarning)
+            return PeftModel.from_pretrained(model, str(source), adapter_name=name, is_trainable=False)
     except Exception as error:  # peft raises many kinds for a bad folder
         raise HQExportError(f"peft cannot load adapter {name}: {error}", source) from None
 
