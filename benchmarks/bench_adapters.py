@@ -8,7 +8,7 @@ Cases (base bits, rank, target projections), as the HQQ+LoRA recipes pair them: 
 tests/smollm2.py); each adapter is a PEFT LoRA folder with random A and B (speed does not depend on the values).
 
 Per case, in a work folder: `hqexport convert` without the adapter (`base`), with it as a separate .onnx_adapter
-(`--adapter`, with fp32 factors and with `--adapter-dtype fp16`), and baked in (`--adapters bake`); a folder that
+(`--adapter`, with `--adapter-dtype fp32` and `fp16`), and baked in (`--adapters bake`); a folder that
 already holds them is reused, so delete it after changing hqexport. One process then runs `--rounds` rounds of:
 - base: the export without adapters;
 - inactive: the separate export, no adapter active (its LoRA inputs keep their rank-0 defaults);
@@ -110,7 +110,7 @@ def build_case(name: str, tiny: bool, work: Path) -> dict[str, Path]:
     source = base_source(bits, tiny, work)
     adapter = random_adapter(source, rank, targets, folder / "adapter")
     outs = {"base": folder / "base", "separate": folder / "separate", "separate fp16": folder / "separate-fp16", "baked": folder / "baked"}
-    options = {"base": {}, "separate": {"adapters": [f"{ADAPTER}={adapter}"]},
+    options = {"base": {}, "separate": {"adapters": [f"{ADAPTER}={adapter}"], "adapter_dtype": "fp32"},
                "separate fp16": {"adapters": [f"{ADAPTER}={adapter}"], "adapter_dtype": "fp16"},
                "baked": {"adapters": [f"{ADAPTER}={adapter}"], "adapter_mode": "bake"}}
     for kind, out in outs.items():
