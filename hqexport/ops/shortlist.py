@@ -75,5 +75,6 @@ def grid_shortlist_function(opset: int) -> FunctionProto:
     doc = "hqexport::GridShortlist body: TopK, GatherBlockQuantized, MatMul, ScatterElements"
     return function(OP_TYPE, INPUTS, nodes, list(ATTRIBUTES), opset, doc)
 
+
 SCHEMAS = {OP_TYPE: build_schema}
 FUNCTIONS = {OP_TYPE: grid_shortlist_function}
