@@ -189,12 +189,19 @@ def test_factorized_gemv_matches_hqq(library: Path, nbits: float, group_size: in
         assert excess.max() <= 1.0, f"M={m}: error {excess.max():.2f} x the bound"
 
 
-def test_gemm_over_k_chunks_and_partial_panels(library: Path) -> None:
-    """The M >= 4 GEMM splits K = 2600 into three chunks whose tiles add up in Y, packs A into panels of 8 rows
-    (M <= 8) or 16 (M > 8, here with a partial last panel), and leaves a 2-row tile at N = 104."""
+#: (nbits, group size, K) of the GEMM test: K in three chunks. Groups of 40 keep k's natural order; groups of
+#: whole 8-word blocks take word order (cpu_kernel.cpp's KOrder), whose chunks start on whole blocks
+GEMM_CASES = [(4, 40, 2600), (4, 64, 2624), (2, 64, 2624), (1, 64, 2624)]
+
+
+@pytest.mark.parametrize(("nbits", "group_size", "k"), GEMM_CASES)
+def test_gemm_over_k_chunks_and_partial_panels(library: Path, nbits: int, group_size: int, k: int) -> None:
+    """The M >= 4 GEMM splits K into three chunks whose tiles add up in Y, packs A into panels of 8 rows (M <= 8)
+    or 16 (M > 8, here with a partial last panel), and leaves a 2-row tile at N = 104."""
     torch.manual_seed(11)
-    linear = torch.nn.Linear(2600, 104, bias=True)
-    layer = HQQLinear(linear, BaseQuantizeConfig(nbits=4, group_size=40, axis=1), compute_dtype=torch.float32, device="cpu")
+    linear = torch.nn.Linear(k, 104, bias=True)
+    config = BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=1)
+    layer = HQQLinear(linear, config, compute_dtype=torch.float32, device="cpu")
     tensors, attrs = op_tensors(layer)
     bias = layer.bias.detach().numpy()
     sess = session(single_node_model(tensors, attrs, np.dtype(np.float32), bias), library)
