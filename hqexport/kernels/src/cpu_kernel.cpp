@@ -268,11 +268,12 @@ struct KOrder {
   }
 };
 
-// Word order applies: fp32 compute dtype and activations, axis 1, uint8 words of 2, 4 or 8 codes, groups of
-// whole blocks within rows (then every K-chunk starts on a block and ends on one).
+// Word order applies: fp32 compute dtype and activations, axis 1, uint8 words (1, 2, 4 or 8 codes), groups of
+// whole blocks within rows (then every K-chunk starts on a block and ends on one). At 8 bits it is k's own order,
+// and word_order_segment then only saves dequant_segment's second pass over the buffer.
 bool word_order_applies(const Problem& p) {
   const int per = static_cast<int>(codes_per_word(p.bits));
-  return (p.bits == 4 || p.bits == 2 || p.bits == 1) && p.meta == DType::F32 && p.act == DType::F32 && p.axis == 1 &&
+  return (p.bits == 8 || p.bits == 4 || p.bits == 2 || p.bits == 1) && p.meta == DType::F32 && p.act == DType::F32 && p.axis == 1 &&
          p.K % p.group_size == 0 && p.group_size % (8 * per) == 0;
 }
 
@@ -295,7 +296,16 @@ void word_order_segment(const Problem& p, int64_t n, int64_t k0, int64_t len, fl
 }
 
 SegmentFn pick_word_order_segment(int bits) {
-  return bits == 4 ? &word_order_segment<4> : bits == 2 ? &word_order_segment<2> : &word_order_segment<1>;
+  switch (bits) {
+    case 8:
+      return &word_order_segment<8>;
+    case 4:
+      return &word_order_segment<4>;
+    case 2:
+      return &word_order_segment<2>;
+    default:
+      return &word_order_segment<1>;
+  }
 }
 
 // 8 fp16 values widened to fp32 (exact).
@@ -1385,7 +1395,7 @@ bool matmul(const Problem& p, const Runner& runner) {
     runner.parallel_for(runner.ctx, &gemv_task, static_cast<size_t>((p.N + kGemvRows - 1) / kGemvRows), &job);
   } else if (word_order_applies(p)) {
     const int per = static_cast<int>(codes_per_word(p.bits));
-    ok = gemm(p, pick_word_order_segment(p.bits), job.A, job.Y, runner, KOrder{8 * per, per});
+    ok = gemm(p, pick_word_order_segment(p.bits), job.A, job.Y, runner, per == 1 ? KOrder{} : KOrder{8 * per, per});
   } else {
     ok = gemm(p, job.segment, job.A, job.Y, runner);
   }
