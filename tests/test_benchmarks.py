@@ -73,6 +73,10 @@ def test_bench_e2e_rows_and_targets(e2e):
     measured = targets["exact decode vs builder int4 acc1 (onnxruntime)"]
     assert measured["measured"] > 0 and measured["reached"] in ("yes", "no")
     assert targets["lossy int4 decode vs builder int4 (onnxruntime)"]["measured"] is None  # those variants were not run
+    interleaved = e2e["interleaved_prefill"]  # the default and the fp32 export alternated in one process
+    ratios = sorted(theirs / mine for mine, theirs in interleaved["pairs_ms"])
+    assert len(ratios) == 12 and interleaved["ratio"] == pytest.approx((ratios[5] + ratios[6]) / 2)
+    assert targets["exact prefill vs our fp32 export (interleaved, one process)"]["measured"] == interleaved["ratio"]
     builder = e2e["build"]["variants"]["builder-int4-acc1"]
     assert "onnxruntime_genai.models.builder" in builder["command"] and "accuracy_level=1" in builder["command"]
     assert e2e["load_average"]["start"] and e2e["settings"]["cpu_count"] > 0 and e2e["settings"]["compute_dtype"] == "float16"
