@@ -85,6 +85,7 @@ TARGETS = [
 #: the prefill target again, both folders in one process, their prefills alternated (interleaved_prefill)
 INTERLEAVED = ("exact prefill vs our fp32 export (interleaved, one process)", SUBJECT, "hqexport-fp32", 1.0)
 INTERLEAVED_PAIRS = 12
+INTERLEAVED_PAUSE = 0.2  # seconds before each of its prefills (interleaved_prefill)
 
 
 # ---------------------------------------------------------------- child processes
@@ -308,11 +309,15 @@ def run_variant(spec: dict) -> dict:
 def interleaved_prefill(spec: dict) -> dict:
     """Two folders' prefills in one process, alternated (which goes first alternates too): the ratio of their times
     pair by pair, so that a slow spell of the shared machine, which fresh processes a minute apart meet unequally,
-    slows both sides of a pair alike."""
+    slows both sides of a pair alike. Each prefill waits INTERLEAVED_PAUSE first: the intra-op threads of the
+    session that ran last spin for a while after its run, and without the pause took the cores from whichever
+    session ran second (one folder against itself: pair ratios 0.71-0.89 and 0.93-1.22 by turns, median 0.91; with
+    the pause 0.85-1.25 in no order, median 0.99)."""
     subject, baseline = (Decoder(Path(path)) for path in (spec["subject"], spec["baseline"]))
     prompt = spec["tokens"][: spec["prefill"]]
 
     def seconds(decoder: Decoder) -> float:
+        time.sleep(INTERLEAVED_PAUSE)
         started = time.perf_counter()
         next(onnx_tokens(decoder, prompt, 1))
         return time.perf_counter() - started
