@@ -21,8 +21,8 @@ onnxruntime-genai (which registers it from genai_config.json): prefill of `--pre
 a `--prompt`-token prompt, then `--decode` cached steps, each timed (tok/s = 1 / median step). Every variant runs `--rounds` times, the rounds
 interleaved (all variants once, then all again), and the table shows each timing's median over the rounds, so a
 slow spell of the shared machine lands on every variant rather than on one. The prefill target is measured a second
-way as well: the exact default and our fp32 export in one process, 12 prefills of each alternated, the median of
-the pairs' time ratios (a fresh process's three prefills meet the machine's slow spells unequally: per-round
+way as well: the exact default and our fp32 export in one process, 12 prefills of each alternated 0.2 s apart, the
+median of the pairs' time ratios (a fresh process's three prefills meet the machine's slow spells unequally: per-round
 ratios of the same two folders ranged from 0.6 to 1.3 in one run). PyTorch with hqq's HQQLinear layers
 (`pytorch-hqq`) gives the reference tokens: "same tokens" counts equal greedy tokens, position by position.
 The variants whose manifest lists lossy choices are also validated (`hqexport validate`: top-1 agreement and perplexity
