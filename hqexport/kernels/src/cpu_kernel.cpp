@@ -273,8 +273,9 @@ struct KOrder {
 // and word_order_segment then only saves dequant_segment's second pass over the buffer.
 bool word_order_applies(const Problem& p) {
   const int per = static_cast<int>(codes_per_word(p.bits));
-  return (p.bits == 8 || p.bits == 4 || p.bits == 2 || p.bits == 1) && p.meta == DType::F32 && p.act == DType::F32 && p.axis == 1 &&
-         p.K % p.group_size == 0 && p.group_size % (8 * per) == 0;
+  const bool uint8_words = p.bits == 8 || p.bits == 4 || p.bits == 2 || p.bits == 1;
+  return uint8_words && p.meta == DType::F32 && p.act == DType::F32 && p.axis == 1 && p.K % p.group_size == 0 &&
+         p.group_size % (8 * per) == 0;
 }
 
 // Dequantized W[n, k0 .. k0+len] in word order (word_order_applies; k0 and len whole blocks): the values of
