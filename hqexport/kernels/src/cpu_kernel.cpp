@@ -254,16 +254,16 @@ SegmentFn pick_segment(const Problem& p) {
 }
 
 // The order of k inside the GEMM (M >= 4). A dot product may add its terms in any order that W and A share: the
-// rounding differs, not the arithmetic. For uint8 words of PER codes (bits 4, 2, 1: `block` = 8 * PER codes), W's
-// blocks of 8 words are read as the factorized GEMV reads them, code j of word i at j * 8 + i, so that code j of
-// 8 words is one shift and mask of their bytes, without the shuffles that restore k's order (SmolLM2's 4-bit
-// shapes, one thread: 1.03-1.04x faster at 128 rows, 1.2-1.3x at 16). Natural order: block 0.
+// rounding differs, not the arithmetic. For uint8 words of `per` codes (bits 4, 2, 1), W's blocks of 8 words are
+// read as the factorized GEMV reads them, code j of word i at j * 8 + i, so that code j of 8 words is one shift and
+// mask of their bytes, without the shuffles that restore k's order (SmolLM2's 4-bit shapes, one thread: 1.03-1.04x
+// faster at 128 rows, 1.2-1.3x at 16). One code per word (per 1) is k's own order.
 struct KOrder {
-  int64_t block = 0;
   int per = 1;
+  int64_t block() const { return 8 * per; }
   int64_t operator()(int64_t k) const {
-    if (block == 0) return k;
-    const int64_t start = k / block * block, i = (k - start) / per, j = (k - start) % per;
+    if (per == 1) return k;
+    const int64_t start = k / block() * block(), i = (k - start) / per, j = (k - start) % per;
     return start + j * 8 + i;
   }
 };
@@ -516,7 +516,7 @@ bool gemm_panels(const Problem& p, SegmentFn segment, KOrder order, const float*
   if (ap == nullptr) return false;
   PackJob<P> pack{A, p.M, p.K, order, ap};
   runner.parallel_for(runner.ctx, &pack_task<P>, static_cast<size_t>(panels), &pack);
-  PanelJob job{&p, segment, order.block == 0 ? 40 : std::lcm(int64_t{40}, order.block), ap, Y};
+  PanelJob job{&p, segment, std::lcm(int64_t{40}, order.block()), ap, Y};
   runner.parallel_for(runner.ctx, &panel_task<P>, static_cast<size_t>((p.N + kTileW - 1) / kTileW), &job);
   std::free(ap);
   return true;
@@ -1395,8 +1395,7 @@ bool matmul(const Problem& p, const Runner& runner) {
   if (p.M < 4) {
     runner.parallel_for(runner.ctx, &gemv_task, static_cast<size_t>((p.N + kGemvRows - 1) / kGemvRows), &job);
   } else if (word_order_applies(p)) {
-    const int per = static_cast<int>(codes_per_word(p.bits));
-    ok = gemm(p, pick_word_order_segment(p.bits), job.A, job.Y, runner, per == 1 ? KOrder{} : KOrder{8 * per, per});
+    ok = gemm(p, pick_word_order_segment(p.bits), job.A, job.Y, runner, KOrder{static_cast<int>(codes_per_word(p.bits))});
   } else {
     ok = gemm(p, job.segment, job.A, job.Y, runner);
   }
