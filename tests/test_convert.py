@@ -311,24 +311,40 @@ def test_file_bytes_within_ten_percent_of_packed_plus_fp(exported: Exported, rec
     assert ratio <= 1.10
 
 
-@pytest.mark.parametrize("exported", ["llama-tied-mixed-wide"], indirect=True)
-def test_onnxruntime_genai_generates_the_hqq_tokens(exported: Exported):
+def _genai_tokens(folder: Path, prompt: list[int], steps: int) -> list[int]:
+    """Greedy tokens from onnxruntime-genai, which shares its max_length cache between the graph's past and present
+    (genai_config.json's past_present_share_buffer); it stops at the end-of-sequence token."""
     import onnxruntime_genai as og
-    model = og.Model(str(exported.out))
+
+    model = og.Model(str(folder))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPTS[0]) + DECODE_STEPS, do_sample=False)
+    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
     generator = og.Generator(model, params)
-    generator.append_tokens(np.array([PROMPTS[0]], dtype=np.int32))
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
     tokens = []
     while not generator.is_done():
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
-    _, torch_tokens = _torch_steps(exported.live, np.array([PROMPTS[0]], dtype=np.int64), DECODE_STEPS - 1)
-    expected = [int(t) for t in torch_tokens[0]]
-    eos = exported.live.config.eos_token_id
-    if eos in expected:  # genai stops at the end-of-sequence token
-        expected = expected[: expected.index(eos) + 1]
-    assert tokens == expected
+    return tokens
+
+
+def _until_eos(tokens: list[int], eos: int | list[int]) -> list[int]:
+    ends = [i for i, token in enumerate(tokens) if token in (eos if isinstance(eos, list) else [eos])]
+    return tokens[: ends[0] + 1] if ends else tokens
+
+
+def test_onnxruntime_genai_generates_the_hqq_tokens(exported: Exported):
+    """fp32 cases: hqq's greedy tokens; fp16 ones (not equal to hqq's fp32 reference): those of a plain onnxruntime
+    session, which feeds each step's present cache back as a new past instead of sharing one buffer."""
+    config = exported.live.config
+    prompt = [token % config.vocab_size for token in PROMPTS[0]]
+    tokens = _genai_tokens(exported.out, prompt, DECODE_STEPS)
+    if exported.case.dtype == "fp32":
+        _, expected = _torch_steps(exported.live, np.array([prompt], dtype=np.int64), DECODE_STEPS - 1)
+    else:
+        session = ort.InferenceSession(str(exported.out / "model.onnx"), providers=["CPUExecutionProvider"])
+        _, expected = _ort_steps(session, np.array([prompt], dtype=np.int64), DECODE_STEPS - 1)
+    assert tokens == _until_eos([int(t) for t in expected[0]], config.eos_token_id)
 
 
 # ---- errors and the output folder (no export needed) ----
@@ -452,6 +468,10 @@ def test_sliding_window_attention_matches_pytorch(arch, window, tokenizer, tmp_p
     step = {"input_ids": ids.numpy()[:, 9:], "attention_mask": np.ones((1, 10), np.int64), "position_ids": np.array([[9]])}
     step |= {name.replace("present", "past_key_values"): value for name, value in prefill.items() if name.startswith("present")}
     np.testing.assert_allclose(session.run(["logits"], step)[0][:, -1], expected.numpy()[:, -1], rtol=0, atol=1e-5)
+    # onnxruntime-genai's shared cache, decoding past the window
+    _, torch_tokens = _torch_steps(live, ids.numpy(), 11)
+    tokens = _genai_tokens(tmp_path / "out", ids[0].tolist(), 12)
+    assert tokens == _until_eos([int(t) for t in torch_tokens[0]], live.config.eos_token_id)
 
 
 @pytest.mark.parametrize("change, message", [
