@@ -12,15 +12,15 @@ Per case, in a work folder: `hqexport convert` without the adapter (`base`), wit
 already holds them is reused, so delete it after changing hqexport. One process then runs `--rounds` rounds of:
 - base: the export without adapters;
 - inactive: the separate export, no adapter active (its LoRA inputs keep their rank-0 defaults);
-- active: the separate export with the adapter active (onnxruntime's LoraAdapter in the RunOptions);
+- active: the separate export with the adapter active (its factors bound as the session's inputs, as the sample does);
 - active fp16: the same with the fp16 factors' export and file (lossy: its tokens may differ from baked's);
 - baked: the baked export.
 All five decode `--decode` greedy steps after a `--prompt`-token prompt in lockstep (one step of each in turn) and
 prefill `--prefill` tokens three times each in turn, on plain onnxruntime with the kernel library each folder
 ships: a slow moment of the shared machine then hits every variant alike. Times are medians over all steps (or
 prefills) of all rounds; a ratio to the base export is the median of each step's time over the base's step next to
-it. Switching is timed too: the first load of the .onnx_adapter file, and building RunOptions that activate an
-already loaded adapter. Only ratios are compared across machines.
+it. Switching is timed too: the first load of the .onnx_adapter file, and binding an already loaded adapter's
+factors for a request. Only ratios are compared across machines.
 """
 
 from __future__ import annotations
@@ -138,22 +138,19 @@ def time_case(outs: dict[str, Path], tokens: list[int], args: argparse.Namespace
 
     ort.set_default_logger_severity(3)  # not one warning per overridable LoRA initializer
     started = time.perf_counter()
-    adapter = ort.LoraAdapter()
-    adapter.Load(str(outs["separate"] / "adapters" / f"{ADAPTER}.onnx_adapter"))
+    ort.AdapterFormat.read_adapter(str(outs["separate"] / "adapters" / f"{ADAPTER}.onnx_adapter"))
     load_ms = (time.perf_counter() - started) * 1e3
-    adapter_fp16 = ort.LoraAdapter()
-    adapter_fp16.Load(str(outs["separate fp16"] / "adapters" / f"{ADAPTER}.onnx_adapter"))
-
-    def activate(loaded: ort.LoraAdapter = adapter) -> ort.RunOptions:
-        options = ort.RunOptions()
-        options.add_active_adapter(loaded)
-        return options
-
-    activate_ms = median_seconds(activate, repeats=50) * 1e3
     # "active" has its own session: "inactive" keeps one without the adapter
     models = {"base": Decoder(outs["base"]), "inactive": Decoder(outs["separate"]), "active": Decoder(outs["separate"]),
               "active fp16": Decoder(outs["separate fp16"]), "baked": Decoder(outs["baked"])}
-    options = {variant: ort.RunOptions() for variant in models} | {"active": activate(), "active fp16": activate(adapter_fp16)}
+    adapters = {variant: None for variant in models} | {"active": ADAPTER, "active fp16": ADAPTER}
+
+    def activate(decoder: Decoder = models["active"]) -> None:  # what a request naming the adapter adds
+        binding = decoder.session.io_binding()
+        for name, value in decoder.adapter_parameters(ADAPTER).items():
+            binding.bind_ortvalue_input(name, value)
+
+    activate_ms = median_seconds(activate, repeats=50) * 1e3
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     prompt, prefill_ids = tokens[: args.prompt], tokens[: args.prefill]
     for _ in range(args.rounds):
@@ -161,9 +158,9 @@ def time_case(outs: dict[str, Path], tokens: list[int], args: argparse.Namespace
         for _ in range(3):  # the variants in turn, so that a slow moment of the machine hits them all
             for variant, model in models.items():
                 started = time.perf_counter()
-                next(onnx_tokens(model, prefill_ids, 1, options[variant]))
+                next(onnx_tokens(model, prefill_ids, 1, adapters[variant]))
                 prefill[variant].append(time.perf_counter() - started)
-        runs_now = {variant: onnx_tokens(model, prompt, args.decode + 1, options[variant]) for variant, model in models.items()}
+        runs_now = {variant: onnx_tokens(model, prompt, args.decode + 1, adapters[variant]) for variant, model in models.items()}
         for variant, (generated, seconds) in lockstep_decode(runs_now, args.decode).items():
             runs[variant].append({"step_ms": [t * 1e3 for t in seconds], "prefill_ms": [t * 1e3 for t in prefill[variant]], "tokens": generated})
     results = {}

@@ -237,11 +237,9 @@ class TorchModel:
             ids = torch.tensor([[token]])
 
 
-def onnx_tokens(decoder: Decoder, prompt: list[int], max_new_tokens: int, options=None) -> Iterator[int]:
+def onnx_tokens(decoder: Decoder, prompt: list[int], max_new_tokens: int, adapter: str | None = None) -> Iterator[int]:
     """Greedy tokens from samples/python_generate's Decoder (the user's path), EOS ignored."""
-    import onnxruntime as ort
-
-    return decoder.generate(prompt, max_new_tokens, greedy, options or ort.RunOptions(), stop_at_eos=False)
+    return decoder.generate(prompt, max_new_tokens, greedy, adapter, stop_at_eos=False)
 
 
 def timed(tokens: Iterator[int], steps: int) -> tuple[list[int], list[float]]:

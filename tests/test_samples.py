@@ -81,8 +81,22 @@ def reference(story) -> dict:
     return {"prompt_ids": prompt_ids, "base": row["reference_tokens"], "tuned": tuned}
 
 
-def test_python_sample_greedy_switches_adapters_between_requests(story, reference):
-    out = python("python_generate/generate.py", story / "separate", "--prompt", PROMPT, "--adapter", "base",
+@pytest.fixture(params=["shared cache", "copied cache"])
+def python_sample_folder(request, story, tmp_path) -> Path:
+    """The export as convert wrote it (genai_config.json's past_present_share_buffer: one cache bound as past and
+    present), and a copy that says otherwise (each present fed back as the next past, as before that setting)."""
+    if request.param == "shared cache":
+        return story / "separate"
+    folder = Path(shutil.copytree(story / "separate", tmp_path / "separate"))
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"]
+    config["search"]["past_present_share_buffer"] = False
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_python_sample_greedy_switches_adapters_between_requests(python_sample_folder, reference):
+    out = python("python_generate/generate.py", python_sample_folder, "--prompt", PROMPT, "--adapter", "base",
                  "--adapter", "tuned", "--adapter", "base", "--max-new-tokens", str(TOKENS), "--ignore-eos", "--token-ids")
     records = json_lines(out)
     assert [r["adapter"] for r in records] == ["base", "tuned", "base"]

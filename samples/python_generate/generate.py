@@ -46,49 +46,90 @@ class Decoder:
         self.cache_dtype = _CACHE_DTYPES[inputs["past_key_values.0.key"].type]
         self.uses_position_ids = "position_ids" in inputs
         self.outputs = [o.name for o in self.session.get_outputs()]
-        # Keep every LoraAdapter referenced for as long as RunOptions may use it: RunOptions does not own it, and a
-        # collected adapter makes runs compute with freed memory, silently (onnxruntime 1.32).
-        self.adapters: dict[str, ort.LoraAdapter] = {}
-        for file in sorted((folder / "adapters").glob("*.onnx_adapter")):
-            adapter = ort.LoraAdapter()
-            adapter.Load(str(file))
-            self.adapters[file.name.removesuffix(".onnx_adapter")] = adapter
+        # GroupQueryAttention may write each step's keys and values into one cache bound as both its past input and
+        # its present output (genai_config.json's past_present_share_buffer, which onnxruntime-genai follows too):
+        # no copy of the whole cache per step
+        search = json.loads((folder / "genai_config.json").read_text()).get("search", {})
+        self.shares_cache = bool(search.get("past_present_share_buffer", False))
+        # An adapter is bound as inputs (its factors are overridable initializers of the graph): runs through IOBinding
+        # ignore the active adapters of RunOptions (onnxruntime 1.32). The AdapterFormat owns the factors' memory.
+        self.adapters: dict[str, ort.AdapterFormat] = {
+            file.name.removesuffix(".onnx_adapter"): ort.AdapterFormat.read_adapter(str(file))
+            for file in sorted((folder / "adapters").glob("*.onnx_adapter"))
+        }
 
-    def run_options(self, adapter: str | None) -> ort.RunOptions:
-        """RunOptions with one adapter active (None: the base model). One at a time: see the README."""
-        options = ort.RunOptions()
-        if adapter is not None:
-            if adapter not in self.adapters:
-                raise SystemExit(f"no adapter {adapter!r}; this folder has: {', '.join(self.adapters) or 'none'}")
-            options.add_active_adapter(self.adapters[adapter])
-        return options
+    def adapter_parameters(self, adapter: str | None) -> dict[str, ort.OrtValue]:
+        """The inputs that make one adapter active (None: the base model, the graph's rank-0 defaults)."""
+        if adapter is None:
+            return {}
+        if adapter not in self.adapters:
+            raise SystemExit(f"no adapter {adapter!r}; this folder has: {', '.join(self.adapters) or 'none'}")
+        return self.adapters[adapter].get_parameters()
 
     def generate(
         self,
         prompt: list[int],
         max_new_tokens: int,
         choose: Callable[[np.ndarray], int],  # last position's logits [vocab] -> next token
-        run_options: ort.RunOptions,
+        adapter: str | None = None,
         stop_at_eos: bool = True,
     ) -> Iterator[int]:
         """Yield new tokens one by one: one prefill run over the prompt, then one run per token on the cache."""
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.cache_dtype)
-        past = {f"past_key_values.{i}.{kv}": empty for i in range(self.layers) for kv in ("key", "value")}
+        parameters = self.adapter_parameters(adapter)
+        if self.shares_cache:
+            run = self._shared_cache_runner(parameters, len(prompt) + max_new_tokens)
+        else:
+            run = self._copied_cache_runner(parameters)
         ids = np.array([prompt], dtype=np.int64)
         length = 0
         for _ in range(max_new_tokens):
             step = ids.shape[1]
-            feeds = {"input_ids": ids, "attention_mask": np.ones((1, length + step), np.int64), **past}
+            feeds = {"input_ids": ids, "attention_mask": np.ones((1, length + step), np.int64)}
             if self.uses_position_ids:
                 feeds["position_ids"] = np.arange(length, length + step, dtype=np.int64)[None]
-            results = dict(zip(self.outputs, self.session.run(self.outputs, feeds, run_options)))
-            past = {name.replace("present", "past_key_values"): value for name, value in results.items() if name.startswith("present.")}
+            logits = run(feeds)
             length += step
-            token = int(choose(results["logits"][0, -1].astype(np.float32)))
+            token = int(choose(logits[0, -1].astype(np.float32)))
             yield token
             if stop_at_eos and token in self.eos:
                 return
             ids = np.array([[token]], dtype=np.int64)
+
+    def _shared_cache_runner(self, parameters: dict[str, ort.OrtValue], positions: int) -> Callable[[dict], np.ndarray]:
+        """Runs on one cache of `positions` per layer, bound as both past and present: each step writes its keys and
+        values in place, where a copied cache is rebuilt, one position longer, every step."""
+        binding = self.session.io_binding()
+        binding.bind_output("logits")  # bound first: get_outputs()[0]
+        for name, value in parameters.items():
+            binding.bind_ortvalue_input(name, value)
+        for i in range(self.layers):
+            for kv in ("key", "value"):
+                cache = ort.OrtValue.ortvalue_from_shape_and_type((1, self.kv_heads, positions, self.head_dim), self.cache_dtype)
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", cache)
+                binding.bind_ortvalue_output(f"present.{i}.{kv}", cache)
+
+        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            binding.bind_output("logits")  # unallocated again: the prefill's logits have another shape than a step's
+            self.session.run_with_iobinding(binding)
+            return binding.get_outputs()[0].numpy()
+
+        return run
+
+    def _copied_cache_runner(self, parameters: dict[str, ort.OrtValue]) -> Callable[[dict], np.ndarray]:
+        """Runs that feed each run's present cache back as the next run's past."""
+        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self.kv_heads, 0, self.head_dim), self.cache_dtype))
+        past = {f"past_key_values.{i}.{kv}": empty for i in range(self.layers) for kv in ("key", "value")}
+
+        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            nonlocal past
+            values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feeds.items()}
+            results = dict(zip(self.outputs, self.session.run_with_ort_values(self.outputs, values | past | parameters)))
+            past = {name.replace("present", "past_key_values"): value for name, value in results.items() if name.startswith("present.")}
+            return results["logits"].numpy()
+
+        return run
 
 
 def greedy(logits: np.ndarray) -> int:
@@ -150,8 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             prompt_ids = tokenizer.encode(prompt).ids
             choose = sampler(args.temperature, args.top_k, args.top_p, args.seed) if args.sample else greedy
             tokens = decoder.generate(
-                prompt_ids, args.max_new_tokens, choose, decoder.run_options(None if adapter == "base" else adapter),
-                stop_at_eos=not args.ignore_eos,
+                prompt_ids, args.max_new_tokens, choose, None if adapter == "base" else adapter, stop_at_eos=not args.ignore_eos
             )
             if args.token_ids:
                 record = {"adapter": adapter, "prompt": prompt, "prompt_ids": prompt_ids, "tokens": list(tokens)}
