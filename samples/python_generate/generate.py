@@ -32,7 +32,8 @@ class Decoder:
     def __init__(self, folder: Path, kernels: Path | None = None) -> None:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # LoRA parameters are overridable initializers: ORT warns about each one
-        config = json.loads((folder / "genai_config.json").read_text())["model"]
+        genai_config = json.loads((folder / "genai_config.json").read_text())
+        config = genai_config["model"]
         shipped = config["decoder"].get("session_options", {}).get("custom_ops_library")
         kernels = kernels or (folder / shipped if shipped else None)
         if kernels is not None:  # hqexport's compiled kernels; without them its ops run as their ONNX function bodies
@@ -49,8 +50,7 @@ class Decoder:
         # GroupQueryAttention may write each step's keys and values into one cache bound as both its past input and
         # its present output (genai_config.json's past_present_share_buffer, which onnxruntime-genai follows too):
         # no copy of the whole cache per step
-        search = json.loads((folder / "genai_config.json").read_text()).get("search", {})
-        self.shares_cache = bool(search.get("past_present_share_buffer", False))
+        self.shares_cache = bool(genai_config.get("search", {}).get("past_present_share_buffer", False))
         # An adapter is bound as inputs (its factors are overridable initializers of the graph): runs through IOBinding
         # ignore the active adapters of RunOptions (onnxruntime 1.32). The AdapterFormat owns the factors' memory.
         self.adapters: dict[str, ort.AdapterFormat] = {
