@@ -66,6 +66,13 @@ class Decoder:
             raise SystemExit(f"no adapter {adapter!r}; this folder has: {', '.join(self.adapters) or 'none'}")
         return self.adapters[adapter].get_parameters()
 
+    def adapter_binding(self, adapter: str | None) -> ort.IOBinding:
+        """An IOBinding with one adapter's parameters bound as inputs (None: the base model)."""
+        binding = self.session.io_binding()
+        for name, value in self.adapter_parameters(adapter).items():
+            binding.bind_ortvalue_input(name, value)
+        return binding
+
     def generate(
         self,
         prompt: list[int],
@@ -75,11 +82,10 @@ class Decoder:
         stop_at_eos: bool = True,
     ) -> Iterator[int]:
         """Yield new tokens one by one: one prefill run over the prompt, then one run per token on the cache."""
-        parameters = self.adapter_parameters(adapter)
         if self.shares_cache:
-            run = self._shared_cache_runner(parameters, len(prompt) + max_new_tokens)
+            run = self._shared_cache_runner(self.adapter_binding(adapter), len(prompt) + max_new_tokens)
         else:
-            run = self._copied_cache_runner(parameters)
+            run = self._copied_cache_runner(self.adapter_parameters(adapter))
         ids = np.array([prompt], dtype=np.int64)
         length = 0
         for _ in range(max_new_tokens):
@@ -95,13 +101,10 @@ class Decoder:
                 return
             ids = np.array([[token]], dtype=np.int64)
 
-    def _shared_cache_runner(self, parameters: dict[str, ort.OrtValue], positions: int) -> Callable[[dict], np.ndarray]:
+    def _shared_cache_runner(self, binding: ort.IOBinding, positions: int) -> Callable[[dict], np.ndarray]:
         """Runs on one cache of `positions` per layer, bound as both past and present: each step writes its keys and
         values in place, where a copied cache is rebuilt, one position longer, every step."""
-        binding = self.session.io_binding()
-        binding.bind_output("logits")  # bound first: get_outputs()[0]
-        for name, value in parameters.items():
-            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits")  # the first output bound: get_outputs()[0]
         for i in range(self.layers):
             for kv in ("key", "value"):
                 cache = ort.OrtValue.ortvalue_from_shape_and_type((1, self.kv_heads, positions, self.head_dim), self.cache_dtype)
